@@ -1,0 +1,187 @@
+"""Running one handler: isolation, timeout, thread offload, concurrency limit, hooks.
+
+Everything here is backend-neutral (anyio), so the same code runs a handler on asyncio and on
+trio; only how handlers are spawned differs, and that lives in `_bus`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from contextvars import Context
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from ._names import event_name
+from ._result import HandlerError
+
+if TYPE_CHECKING:
+    from ._registry import Subscription
+
+__all__ = ["Guarded", "Hook", "in_context", "make_invoke", "observed_runner", "run_guarded"]
+
+logger = logging.getLogger("aioevents")
+
+T = TypeVar("T")
+Guarded = Callable[["Subscription", object, list[HandlerError]], Coroutine[Any, Any, None]]
+
+
+class Hook(Protocol):
+    """Called around every handler call, in the handler's own task and context.
+
+    ``handler_started`` returns a token (anything, ``None`` included) that is handed back to
+    ``handler_finished``: a tracing hook returns its span there. ``error`` is the handler's
+    exception, a `TimeoutError` for a timeout, or the cancellation that stopped it.
+    Exceptions a hook raises are logged and otherwise ignored: a hook never fails a handler.
+    """
+
+    def handler_started(self, event: object, subscription: Subscription) -> object: ...
+
+    def handler_finished(
+        self,
+        event: object,
+        subscription: Subscription,
+        *,
+        token: object,
+        duration: float,
+        error: BaseException | None,
+    ) -> None: ...
+
+
+def make_invoke(sub: Subscription) -> Callable[[Any], Awaitable[object]]:
+    """Build the awaitable call for a subscription: offload, timeout, or the handler itself."""
+    if not sub.is_async:
+        return _in_thread(sub)
+    if sub.timeout is not None:
+        return _with_timeout(sub.handler, sub.timeout)  # type: ignore[arg-type]
+    return sub.handler  # type: ignore[return-value]  # an async handler returns its awaitable
+
+
+def _with_timeout(
+    handler: Callable[[object], Awaitable[object]], timeout: float
+) -> Callable[[object], Awaitable[None]]:
+    async def invoke(event: object) -> None:
+        with anyio.fail_after(timeout):
+            await handler(event)
+
+    return invoke
+
+
+def _in_thread(sub: Subscription) -> Callable[[object], Awaitable[None]]:
+    handler, timeout = sub.handler, sub.timeout
+
+    async def invoke(event: object) -> None:
+        started = anyio.current_time()
+        # A thread cannot be interrupted; it is waited for, so that nothing of this emit is
+        # still running once emit returns, and an overrun is reported as a timeout after it.
+        result = await anyio.to_thread.run_sync(handler, event)
+        if inspect.isawaitable(result):
+            _discard(result)
+            raise TypeError(
+                f"sync handler {sub.name} returned an awaitable; declare it with async def"
+            )
+        if timeout is not None and anyio.current_time() - started > timeout:
+            raise TimeoutError(f"sync handler {sub.name} ran longer than its {timeout}s timeout")
+
+    return invoke
+
+
+def _discard(awaitable: Awaitable[object]) -> None:
+    close = getattr(awaitable, "close", None)
+    if close is not None:  # a coroutine never awaited: close it so it does not warn later
+        close()
+
+
+def record_failure(
+    sub: Subscription, event: object, exc: Exception, errors: list[HandlerError]
+) -> None:
+    errors.append(HandlerError(sub.name, exc, event=event, subscription=sub))
+    name = event_name(event)
+    logger.error(
+        "handler %s failed on event %s",
+        sub.name,
+        name,
+        exc_info=exc,
+        extra={"handler": sub.name, "event_name": name},
+    )
+
+
+async def run_guarded(sub: Subscription, event: object, errors: list[HandlerError]) -> None:
+    """Run one handler; an `Exception` is recorded and logged, never propagated."""
+    try:
+        await sub.invoke(event)
+    except Exception as exc:
+        record_failure(sub, event, exc, errors)
+
+
+def observed_runner(limiter: anyio.CapacityLimiter | None, hooks: Sequence[Hook]) -> Guarded:
+    """`run_guarded` plus the bus-wide limit and hooks; only used when either is set."""
+
+    async def run_observed(sub: Subscription, event: object, errors: list[HandlerError]) -> None:
+        borrower = object()  # one token per call: a task may hold several (nested emits)
+        if limiter is not None:
+            await limiter.acquire_on_behalf_of(borrower)
+        try:
+            tokens = [_call_hook(hook.handler_started, event, sub) for hook in hooks]
+            started, error = perf_counter(), None
+            try:
+                await sub.invoke(event)
+            except Exception as exc:
+                error = exc
+                record_failure(sub, event, exc, errors)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                duration = perf_counter() - started
+                for hook, token in zip(hooks, tokens, strict=True):
+                    _call_hook(
+                        hook.handler_finished,
+                        event,
+                        sub,
+                        token=token,
+                        duration=duration,
+                        error=error,
+                    )
+        finally:
+            if limiter is not None:
+                limiter.release_on_behalf_of(borrower)
+
+    return run_observed
+
+
+def _call_hook(method: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    try:
+        return method(*args, **kwargs)
+    except Exception:
+        logger.exception("hook %s failed; the handler is not affected", method.__qualname__)
+        return None
+
+
+@types.coroutine
+def in_context(context: Context, coro: Coroutine[Any, Any, T]) -> Generator[Any, Any, T]:
+    """Await ``coro`` inside ``context``, in the current task.
+
+    This is what a task does for its coroutine, without the cost of a task: a handler run
+    inline sees the emitter's context variables, and what it sets stays in its copy, as it
+    would in a task of its own.
+    """
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            if error is None:
+                yielded = context.run(coro.send, value)
+            else:
+                yielded = context.run(coro.throw, error)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        try:
+            value, error = (yield yielded), None
+        except BaseException as exc:  # cancellation and the like go on into the handler
+            value, error = None, exc

@@ -1,0 +1,35 @@
+"""The exceptions aioevents raises.
+
+Every error the library raises on its own account derives from `AioEventsError`::
+
+    AioEventsError
+     ├── ConfigurationError (also a ValueError)
+     └── SubscriptionError
+
+Bad input types are refused with a plain `TypeError`; failures *inside* handlers are never
+raised as these: they are reported in `EmitResult.errors` (or raised as an `ExceptionGroup`
+of the handlers' own exceptions with ``emit(..., strict=True)``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["AioEventsError", "ConfigurationError", "SubscriptionError"]
+
+
+class AioEventsError(Exception):
+    """The root of every error aioevents raises on its own account."""
+
+
+class ConfigurationError(AioEventsError, ValueError):
+    """Raised when a bus, subscription or event type is given a value out of its range.
+
+    For example ``EventBus(max_concurrency=0)`` or ``bus.on(E, timeout=-1)``.
+    """
+
+
+class SubscriptionError(AioEventsError):
+    """Raised when a subscription cannot be made, found or undone as asked.
+
+    For example unsubscribing a `Subscription` made on another bus, including one `Router`
+    twice, or muting a handler that is not subscribed.
+    """

@@ -1,0 +1,159 @@
+"""Who is subscribed to what, and the handler list each concrete event type resolves to.
+
+Subscriptions are kept per event type in subscription order. An emit needs, for the concrete
+type of its event, every subscription made to that type or to any class in its MRO, in
+subscription order: that list is computed once per type and cached until the next change.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._dispatch import make_invoke
+from ._exceptions import ConfigurationError
+from ._result import EmitResult
+
+__all__ = ["Registry", "Route", "Subscription", "check_subscription", "handler_name"]
+
+Handler = Callable[[Any], object]
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Subscription:
+    """A handler subscribed to an event type on one bus; pass it to `EventBus.unsubscribe`.
+
+    ``name`` is the handler's qualified name as it appears in logs and reports.
+    """
+
+    event_type: type
+    handler: Handler
+    name: str
+    timeout: float | None = None
+    once: bool = False
+    is_async: bool = True
+    order: int = field(default=0, repr=False)
+    # The registry that made it: unsubscribing it from another bus is a mistake to report.
+    owner: object = field(default=None, repr=False, compare=False)
+    # The awaitable call that runs the handler: the handler itself, or a wrapper that adds
+    # the thread offload and the timeout. Built once, at subscription.
+    invoke: Callable[[Any], Awaitable[object]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "invoke", make_invoke(self))
+
+
+class Route:
+    """The dispatch plan for one concrete event type, cached by the registry."""
+
+    __slots__ = ("handlers", "needs_preparation", "ok_result", "subscriptions")
+
+    def __init__(self, subscriptions: tuple[Subscription, ...], *, observed: bool) -> None:
+        self.subscriptions = subscriptions
+        self.handlers = tuple(sub.name for sub in subscriptions)
+        # Shared by every emit of this type that has no failure: immutable, so safe to reuse.
+        self.ok_result = EmitResult(self.handlers)
+        # One flag keeps the hot path to a single check for both rare cases.
+        self.needs_preparation = observed or any(sub.once for sub in subscriptions)
+
+
+def handler_name(handler: object) -> str:
+    """The qualified name a handler is known by in logs, reports and listings."""
+    qualname = getattr(handler, "__qualname__", None) or type(handler).__qualname__
+    module = getattr(handler, "__module__", None) or type(handler).__module__
+    return f"{module}.{qualname}"
+
+
+def is_async_handler(handler: Handler) -> bool:
+    if inspect.iscoroutinefunction(handler):
+        return True
+    call = getattr(type(handler), "__call__", None)  # noqa: B004  (the class's, not the object's)
+    return not inspect.isroutine(handler) and inspect.iscoroutinefunction(call)
+
+
+def check_subscription(event_type: object, handler: object, timeout: float | None) -> None:
+    """Refuse, with a message that says what to fix, what could never be dispatched."""
+    if not isinstance(event_type, type):
+        hint = " (did you write @bus.on instead of @bus.on(EventType)?)" if callable(event_type) else ""
+        raise TypeError(f"an event type must be a class, got {event_type!r}{hint}")
+    if not callable(handler):
+        raise TypeError(f"a handler must be callable, got {handler!r}")
+    if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+        raise ConfigurationError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):  # some builtins and C callables have no signature to read
+        return
+    try:
+        signature.bind(object())
+    except TypeError:
+        raise TypeError(
+            f"handler {handler_name(handler)}{signature} cannot take the event as its one "
+            f"positional argument"
+        ) from None
+
+
+class Registry:
+    """Subscriptions of one bus and the routes resolved from them."""
+
+    def __init__(self) -> None:
+        self._by_type: dict[type, list[Subscription]] = {}
+        self._order = itertools.count()
+        self._muted: set[Subscription] = set()
+        self.observed = False
+        # Read directly by the bus's hot path; cleared in place so that reference stays valid.
+        self.routes: dict[type, Route] = {}
+
+    def next_order(self) -> int:
+        """The position of the next subscription: dispatch order follows it."""
+        return next(self._order)
+
+    def add(self, sub: Subscription) -> None:
+        self._by_type.setdefault(sub.event_type, []).append(sub)
+        self.routes.clear()
+
+    def remove(self, sub: Subscription) -> bool:
+        subs = self._by_type.get(sub.event_type, [])
+        if sub not in subs:
+            return False
+        subs.remove(sub)
+        if not subs:
+            del self._by_type[sub.event_type]
+        self._muted.discard(sub)
+        self.routes.clear()
+        return True
+
+    def __contains__(self, sub: Subscription) -> bool:
+        return sub in self._by_type.get(sub.event_type, ())
+
+    def set_muted(self, subs: Iterable[Subscription], muted: bool) -> None:
+        if muted:
+            self._muted.update(subs)
+        else:
+            self._muted.difference_update(subs)
+        self.routes.clear()
+
+    def set_observed(self, observed: bool) -> None:
+        self.observed = observed
+        self.routes.clear()
+
+    def all(self) -> tuple[Subscription, ...]:
+        """Every subscription, in subscription order."""
+        return tuple(sorted(itertools.chain(*self._by_type.values()), key=_order_key))
+
+    def matching(self, event_type: type) -> tuple[Subscription, ...]:
+        """What an event of exactly ``event_type`` dispatches to, muted handlers included."""
+        subs = itertools.chain(*(self._by_type.get(cls, ()) for cls in event_type.__mro__))
+        return tuple(sorted(subs, key=_order_key))
+
+    def route(self, event_type: type) -> Route:
+        subs = tuple(sub for sub in self.matching(event_type) if sub not in self._muted)
+        route = self.routes[event_type] = Route(subs, observed=self.observed)
+        return route
+
+
+def _order_key(sub: Subscription) -> int:
+    return sub.order

@@ -1,0 +1,101 @@
+"""Router: handlers grouped in a module, wired into a bus in one visible place.
+
+The original registered handlers as a side effect of importing their modules, and a missed
+import silently disabled them. A router only records; nothing is subscribed until the
+application calls ``bus.include(router)``, and the bus can then list what it has.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._exceptions import SubscriptionError
+from ._registry import check_subscription
+
+if TYPE_CHECKING:
+    from ._bus import EventBus
+    from ._registry import Subscription
+
+__all__ = ["Router"]
+
+E = TypeVar("E")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    event_type: type
+    handler: Callable[[Any], object]
+    timeout: float | None
+    once: bool
+
+
+class Router:
+    """Records handlers for later inclusion into a bus with `EventBus.include`.
+
+    >>> router = Router()
+    >>> @router.on(int)
+    ... async def on_int(event: int) -> None: ...
+    >>> from aioevents import EventBus
+    >>> bus = EventBus()
+    >>> [sub.name for sub in bus.include(router)]
+    ['aioevents._router.on_int']
+    """
+
+    def __init__(self, *routers: Router) -> None:
+        self._entries: list[_Entry] = []
+        self._included_in: weakref.WeakSet[EventBus] = weakref.WeakSet()
+        for router in routers:
+            self.add_router(router)
+
+    def __repr__(self) -> str:
+        return f"<Router handlers={len(self._entries)}>"
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(
+        self,
+        event_type: type[E],
+        handler: Callable[[E], object],
+        *,
+        timeout: float | None = None,
+        once: bool = False,
+    ) -> None:
+        """Record ``handler`` for ``event_type``, checked now as `EventBus.subscribe` would."""
+        check_subscription(event_type, handler, timeout)
+        self._entries.append(_Entry(event_type, handler, timeout, once))
+
+    def on(
+        self, event_type: type[E], *, timeout: float | None = None, once: bool = False
+    ) -> Callable[[Callable[[E], R]], Callable[[E], R]]:
+        """Decorator form of `add`; returns the function unchanged."""
+        if not isinstance(event_type, type):
+            check_subscription(event_type, None, timeout)
+
+        def decorator(handler: Callable[[E], R]) -> Callable[[E], R]:
+            self.add(event_type, handler, timeout=timeout, once=once)
+            return handler
+
+        return decorator
+
+    def add_router(self, router: Router) -> None:
+        """Record every handler of another router after this one's."""
+        if not isinstance(router, Router):
+            raise TypeError(f"add_router() takes a Router, got {router!r}")
+        self._entries.extend(router._entries)
+
+    def subscribe_all(self, bus: EventBus) -> tuple[Subscription, ...]:
+        if bus in self._included_in:
+            raise SubscriptionError(
+                f"{self!r} is already included in {bus!r}; including it again would run "
+                f"each of its handlers twice per event"
+            )
+        self._included_in.add(bus)
+        return tuple(
+            bus.subscribe(entry.event_type, entry.handler, timeout=entry.timeout, once=entry.once)
+            for entry in self._entries
+        )

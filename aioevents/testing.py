@@ -1,0 +1,113 @@
+"""Helpers for testing code that emits events or subscribes handlers.
+
+`capture` records what a bus emits within a block and asserts on it; `muted` runs a bus with
+some of its handlers switched off, for a test that wants the emitter without their effects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar, overload
+
+from ._bus import EventBus
+from ._exceptions import SubscriptionError
+from ._registry import Subscription
+
+__all__ = ["CapturedEvents", "capture", "muted"]
+
+E = TypeVar("E")
+_MISSING = object()
+
+
+class CapturedEvents(Sequence[object]):
+    """The events a bus emitted within `capture`, in emit order."""
+
+    def __init__(self) -> None:
+        self._events: list[object] = []
+
+    def _record(self, event: object) -> None:
+        self._events.append(event)
+
+    @overload
+    def __getitem__(self, index: int) -> object: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[object]: ...
+    def __getitem__(self, index: int | slice) -> object | Sequence[object]:
+        return self._events[index]
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def __repr__(self) -> str:
+        return f"CapturedEvents({self._events!r})"
+
+    def of_type(self, event_type: type[E]) -> list[E]:
+        """The captured events that are instances of ``event_type`` (subclasses included)."""
+        return [event for event in self._events if isinstance(event, event_type)]
+
+    def assert_emitted(self, event_type: type[E], *, count: int | None = None, **fields: Any) -> E:
+        """Assert an ``event_type`` event with these field values was emitted; return the last.
+
+        With ``count``, assert exactly that many such events were emitted.
+        """
+        matches = [event for event in self.of_type(event_type) if _has_fields(event, fields)]
+        wanted = f"{event_type.__qualname__} event" + (f" with {fields}" if fields else "")
+        if count is not None and len(matches) != count:
+            raise AssertionError(f"expected {count} {wanted}, got {len(matches)}: {self._events!r}")
+        if not matches:
+            raise AssertionError(f"expected a {wanted}, got {self._events!r}")
+        return matches[-1]
+
+    def assert_not_emitted(self, event_type: type, **fields: Any) -> None:
+        """Assert no ``event_type`` event (with these field values, if given) was emitted."""
+        matches = [event for event in self.of_type(event_type) if _has_fields(event, fields)]
+        if matches:
+            raise AssertionError(f"expected no {event_type.__qualname__} event, got {matches!r}")
+
+
+def _has_fields(event: object, fields: dict[str, Any]) -> bool:
+    return all(getattr(event, name, _MISSING) == value for name, value in fields.items())
+
+
+@contextmanager
+def capture(bus: EventBus) -> Iterator[CapturedEvents]:
+    """Record every event emitted on ``bus`` within the block; handlers still run.
+
+    >>> import anyio
+    >>> bus = EventBus()
+    >>> with capture(bus) as events:
+    ...     _ = anyio.run(bus.emit, 42)
+    >>> events.assert_emitted(int)
+    42
+    """
+    captured = CapturedEvents()
+    bus._add_tap(captured._record)
+    try:
+        yield captured
+    finally:
+        bus._remove_tap(captured._record)
+
+
+@contextmanager
+def muted(bus: EventBus, *handlers: Subscription | Callable[..., object]) -> Iterator[None]:
+    """Within the block, the given handlers (functions or subscriptions) do not run.
+
+    A function mutes every subscription of it on ``bus``. Naming a handler that is not
+    subscribed raises `SubscriptionError`: a typo must not pass as a muted handler.
+    """
+    subs = [sub for handler in handlers for sub in _subscriptions_of(bus, handler)]
+    bus._set_muted(subs, True)
+    try:
+        yield
+    finally:
+        bus._set_muted(subs, False)
+
+
+def _subscriptions_of(bus: EventBus, handler: Subscription | Callable[..., object]) -> list[Subscription]:
+    if isinstance(handler, Subscription):
+        return [handler]
+    subs = [sub for sub in bus.subscriptions if sub.handler == handler]
+    if not subs:
+        raise SubscriptionError(f"{handler!r} is not subscribed on {bus!r}")
+    return subs
