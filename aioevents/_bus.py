@@ -13,15 +13,28 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import copy_context
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
+import anyio.abc
 
 from ._dispatch import Guarded, Hook, in_context, observed_runner, record_failure, run_guarded
 from ._exceptions import ConfigurationError, SubscriptionError
 from ._names import event_name
-from ._registry import Registry, Route, Subscription, check_subscription, handler_name, is_async_handler
+from ._registry import (
+    Registry,
+    Route,
+    Subscription,
+    check_event_type,
+    check_subscription,
+    check_timeout,
+    handler_name,
+    is_async_handler,
+)
 from ._result import EmitResult, HandlerError
+
+if TYPE_CHECKING:
+    from ._router import Router
 
 __all__ = ["EventBus"]
 
@@ -51,10 +64,10 @@ class EventBus:
     (True, 1)
     """
 
-    def __init__(
-        self, *, max_concurrency: int | None = None, hooks: Iterable[Hook] = ()
-    ) -> None:
-        if max_concurrency is not None and (type(max_concurrency) is not int or max_concurrency < 1):
+    def __init__(self, *, max_concurrency: int | None = None, hooks: Iterable[Hook] = ()) -> None:
+        if max_concurrency is not None and (
+            type(max_concurrency) is not int or max_concurrency < 1
+        ):
             raise ConfigurationError(
                 f"max_concurrency must be an int >= 1 or None, got {max_concurrency!r}"
             )
@@ -103,8 +116,8 @@ class EventBus:
         self, event_type: type[E], *, timeout: float | None = None, once: bool = False
     ) -> Callable[[Callable[[E], R]], Callable[[E], R]]:
         """Decorator form of `subscribe`; returns the function unchanged."""
-        if not isinstance(event_type, type):  # refuse @bus.on without (EventType) right here
-            check_subscription(event_type, None, timeout)
+        check_event_type(event_type)  # refuse @bus.on without (EventType) right here
+        check_timeout(timeout)
 
         def decorator(handler: Callable[[E], R]) -> Callable[[E], R]:
             self.subscribe(event_type, handler, timeout=timeout, once=once)
@@ -120,20 +133,18 @@ class EventBus:
 
     def unsubscribe(self, subscription: Subscription) -> None:
         """End a subscription. A second call for the same subscription does nothing."""
-        if not isinstance(subscription, Subscription):
-            raise TypeError(f"unsubscribe() takes a Subscription, got {subscription!r}")
+        _require(subscription, Subscription, "unsubscribe() takes a Subscription")
         if subscription.owner is not self._registry:
             raise SubscriptionError(
                 f"{subscription.name} was subscribed on another bus; unsubscribe it there"
             )
         self._registry.remove(subscription)
 
-    def include(self, router: Any) -> tuple[Subscription, ...]:
+    def include(self, router: Router) -> tuple[Subscription, ...]:
         """Subscribe every handler of a `Router`, in the order the router recorded them."""
         from ._router import Router
 
-        if not isinstance(router, Router):
-            raise TypeError(f"include() takes a Router, got {router!r}")
+        _require(router, Router, "include() takes a Router")
         return router.subscribe_all(self)
 
     # -- looking at what is subscribed --------------------------------------------------------
@@ -145,7 +156,7 @@ class EventBus:
 
     def handlers_for(self, event_type: type) -> tuple[Subscription, ...]:
         """The subscriptions an event of ``event_type`` is dispatched to, in start order."""
-        check_subscription(event_type, _accepts_event, None)
+        check_event_type(event_type)
         return self._registry.matching(event_type)
 
     # -- hooks -------------------------------------------------------------------------------
@@ -201,9 +212,11 @@ class EventBus:
                 for sub in subs:
                     tasks.create_task(self._guarded(sub, event, errors))
         else:
+            # trio schedules new tasks in no fixed order: each handler is started, and has
+            # run to its first checkpoint, before the next one is spawned.
             async with anyio.create_task_group() as task_group:
                 for sub in subs:
-                    task_group.start_soon(self._guarded, sub, event, errors)
+                    await task_group.start(_started, self._guarded, sub, event, errors)
         if not errors:
             return route.ok_result
         if strict:
@@ -243,11 +256,26 @@ class EventBus:
         self._registry.set_muted(subs, muted)
 
 
-def _accepts_event(event: object) -> None:
-    """Stands in for a handler when only an event type needs checking."""
+async def _started(
+    guarded: Guarded,
+    sub: Subscription,
+    event: object,
+    errors: list[HandlerError],
+    *,
+    task_status: anyio.abc.TaskStatus[None],
+) -> None:
+    task_status.started()
+    await guarded(sub, event, errors)
 
 
-def _failures_group(event: object, errors: list[HandlerError], route: Route) -> ExceptionGroup[Exception]:
+def _require(value: object, cls: type, message: str) -> None:
+    if not isinstance(value, cls):
+        raise TypeError(f"{message}, got {value!r}")
+
+
+def _failures_group(
+    event: object, errors: list[HandlerError], route: Route
+) -> ExceptionGroup[Exception]:
     return ExceptionGroup(
         f"{len(errors)} of {len(route.subscriptions)} handlers failed on event {event_name(event)}",
         [error.exception for error in errors],

@@ -12,7 +12,7 @@ import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from contextvars import Context
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -23,11 +23,21 @@ from ._result import HandlerError
 if TYPE_CHECKING:
     from ._registry import Subscription
 
-__all__ = ["Guarded", "Hook", "in_context", "make_invoke", "observed_runner", "run_guarded"]
+__all__ = [
+    "Guarded",
+    "Hook",
+    "Invoke",
+    "in_context",
+    "make_invoke",
+    "observed_runner",
+    "run_guarded",
+]
 
 logger = logging.getLogger("aioevents")
 
 T = TypeVar("T")
+# What a subscription awaits to run its handler: see make_invoke.
+Invoke = Callable[[Any], Coroutine[Any, Any, object]]
 Guarded = Callable[["Subscription", object, list[HandlerError]], Coroutine[Any, Any, None]]
 
 
@@ -53,18 +63,16 @@ class Hook(Protocol):
     ) -> None: ...
 
 
-def make_invoke(sub: Subscription) -> Callable[[Any], Awaitable[object]]:
+def make_invoke(sub: Subscription) -> Invoke:
     """Build the awaitable call for a subscription: offload, timeout, or the handler itself."""
     if not sub.is_async:
         return _in_thread(sub)
     if sub.timeout is not None:
         return _with_timeout(sub.handler, sub.timeout)  # type: ignore[arg-type]
-    return sub.handler  # type: ignore[return-value]  # an async handler returns its awaitable
+    return cast(Invoke, sub.handler)  # an async handler returns its coroutine
 
 
-def _with_timeout(
-    handler: Callable[[object], Awaitable[object]], timeout: float
-) -> Callable[[object], Awaitable[None]]:
+def _with_timeout(handler: Callable[[object], Awaitable[object]], timeout: float) -> Invoke:
     async def invoke(event: object) -> None:
         with anyio.fail_after(timeout):
             await handler(event)
@@ -72,29 +80,28 @@ def _with_timeout(
     return invoke
 
 
-def _in_thread(sub: Subscription) -> Callable[[object], Awaitable[None]]:
-    handler, timeout = sub.handler, sub.timeout
+def _in_thread(sub: Subscription) -> Invoke:
+    timeout = sub.timeout
 
     async def invoke(event: object) -> None:
         started = anyio.current_time()
         # A thread cannot be interrupted; it is waited for, so that nothing of this emit is
         # still running once emit returns, and an overrun is reported as a timeout after it.
-        result = await anyio.to_thread.run_sync(handler, event)
-        if inspect.isawaitable(result):
-            _discard(result)
-            raise TypeError(
-                f"sync handler {sub.name} returned an awaitable; declare it with async def"
-            )
+        await anyio.to_thread.run_sync(_call_sync, sub, event)
         if timeout is not None and anyio.current_time() - started > timeout:
             raise TimeoutError(f"sync handler {sub.name} ran longer than its {timeout}s timeout")
 
     return invoke
 
 
-def _discard(awaitable: Awaitable[object]) -> None:
-    close = getattr(awaitable, "close", None)
-    if close is not None:  # a coroutine never awaited: close it so it does not warn later
-        close()
+def _call_sync(sub: Subscription, event: object) -> None:
+    """Run a sync handler (in the worker thread); refuse an awaitable it returns."""
+    result = sub.handler(event)
+    if inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if close is not None:  # a coroutine never awaited: close it so it does not warn later
+            close()
+        raise TypeError(f"sync handler {sub.name} returned an awaitable; declare it with async def")
 
 
 def record_failure(
@@ -128,7 +135,8 @@ def observed_runner(limiter: anyio.CapacityLimiter | None, hooks: Sequence[Hook]
             await limiter.acquire_on_behalf_of(borrower)
         try:
             tokens = [_call_hook(hook.handler_started, event, sub) for hook in hooks]
-            started, error = perf_counter(), None
+            error: BaseException | None = None
+            started = perf_counter()
             try:
                 await sub.invoke(event)
             except Exception as exc:

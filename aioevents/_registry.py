@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._dispatch import make_invoke
+from ._dispatch import Invoke, make_invoke
 from ._exceptions import ConfigurationError
 from ._result import EmitResult
 
-__all__ = ["Registry", "Route", "Subscription", "check_subscription", "handler_name"]
+__all__ = [
+    "Registry",
+    "Route",
+    "Subscription",
+    "check_event_type",
+    "check_subscription",
+    "check_timeout",
+    "handler_name",
+]
 
 Handler = Callable[[Any], object]
 
@@ -40,7 +48,7 @@ class Subscription:
     owner: object = field(default=None, repr=False, compare=False)
     # The awaitable call that runs the handler: the handler itself, or a wrapper that adds
     # the thread offload and the timeout. Built once, at subscription.
-    invoke: Callable[[Any], Awaitable[object]] = field(init=False, repr=False, compare=False)
+    invoke: Invoke = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "invoke", make_invoke(self))
@@ -74,15 +82,31 @@ def is_async_handler(handler: Handler) -> bool:
     return not inspect.isroutine(handler) and inspect.iscoroutinefunction(call)
 
 
-def check_subscription(event_type: object, handler: object, timeout: float | None) -> None:
-    """Refuse, with a message that says what to fix, what could never be dispatched."""
+def check_event_type(event_type: object) -> None:
     if not isinstance(event_type, type):
-        hint = " (did you write @bus.on instead of @bus.on(EventType)?)" if callable(event_type) else ""
+        hint = (
+            " (did you write @bus.on instead of @bus.on(EventType)?)"
+            if callable(event_type)
+            else ""
+        )
         raise TypeError(f"an event type must be a class, got {event_type!r}{hint}")
+
+
+def check_timeout(timeout: object) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ConfigurationError(
+            f"timeout must be a number of seconds > 0 or None, got {timeout!r}"
+        )
+
+
+def check_subscription(event_type: object, handler: object, timeout: object) -> None:
+    """Refuse, with a message that says what to fix, what could never be dispatched."""
+    check_event_type(event_type)
+    check_timeout(timeout)
     if not callable(handler):
         raise TypeError(f"a handler must be callable, got {handler!r}")
-    if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
-        raise ConfigurationError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
     try:
         signature = inspect.signature(handler)
     except (TypeError, ValueError):  # some builtins and C callables have no signature to read

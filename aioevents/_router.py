@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._exceptions import SubscriptionError
-from ._registry import check_subscription
+from ._registry import check_event_type, check_subscription, check_timeout
 
 if TYPE_CHECKING:
     from ._bus import EventBus
@@ -73,8 +73,8 @@ class Router:
         self, event_type: type[E], *, timeout: float | None = None, once: bool = False
     ) -> Callable[[Callable[[E], R]], Callable[[E], R]]:
         """Decorator form of `add`; returns the function unchanged."""
-        if not isinstance(event_type, type):
-            check_subscription(event_type, None, timeout)
+        check_event_type(event_type)
+        check_timeout(timeout)
 
         def decorator(handler: Callable[[E], R]) -> Callable[[E], R]:
             self.add(event_type, handler, timeout=timeout, once=once)
@@ -84,8 +84,7 @@ class Router:
 
     def add_router(self, router: Router) -> None:
         """Record every handler of another router after this one's."""
-        if not isinstance(router, Router):
-            raise TypeError(f"add_router() takes a Router, got {router!r}")
+        _require_router(router, "add_router()")
         self._entries.extend(router._entries)
 
     def subscribe_all(self, bus: EventBus) -> tuple[Subscription, ...]:
@@ -99,3 +98,8 @@ class Router:
             bus.subscribe(entry.event_type, entry.handler, timeout=entry.timeout, once=entry.once)
             for entry in self._entries
         )
+
+
+def _require_router(value: object, what: str) -> None:
+    if not isinstance(value, Router):
+        raise TypeError(f"{what} takes a Router, got {value!r}")

@@ -51,7 +51,7 @@ class CapturedEvents(Sequence[object]):
 
         With ``count``, assert exactly that many such events were emitted.
         """
-        matches = [event for event in self.of_type(event_type) if _has_fields(event, fields)]
+        matches: list[E] = [e for e in self.of_type(event_type) if _has_fields(e, fields)]
         wanted = f"{event_type.__qualname__} event" + (f" with {fields}" if fields else "")
         if count is not None and len(matches) != count:
             raise AssertionError(f"expected {count} {wanted}, got {len(matches)}: {self._events!r}")
@@ -59,9 +59,9 @@ class CapturedEvents(Sequence[object]):
             raise AssertionError(f"expected a {wanted}, got {self._events!r}")
         return matches[-1]
 
-    def assert_not_emitted(self, event_type: type, **fields: Any) -> None:
+    def assert_not_emitted(self, event_type: type[object], **fields: Any) -> None:
         """Assert no ``event_type`` event (with these field values, if given) was emitted."""
-        matches = [event for event in self.of_type(event_type) if _has_fields(event, fields)]
+        matches = [e for e in self.of_type(event_type) if _has_fields(e, fields)]
         if matches:
             raise AssertionError(f"expected no {event_type.__qualname__} event, got {matches!r}")
 
@@ -104,7 +104,9 @@ def muted(bus: EventBus, *handlers: Subscription | Callable[..., object]) -> Ite
         bus._set_muted(subs, False)
 
 
-def _subscriptions_of(bus: EventBus, handler: Subscription | Callable[..., object]) -> list[Subscription]:
+def _subscriptions_of(
+    bus: EventBus, handler: Subscription | Callable[..., object]
+) -> list[Subscription]:
     if isinstance(handler, Subscription):
         return [handler]
     subs = [sub for sub in bus.subscriptions if sub.handler == handler]
