@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 import anyio.abc
 
+from ._decorators import HandlerDecorators
 from ._dispatch import Guarded, Hook, in_context, observed_runner, record_failure, run_guarded
 from ._exceptions import ConfigurationError, SubscriptionError
 from ._names import event_name
@@ -27,7 +28,6 @@ from ._registry import (
     Subscription,
     check_event_type,
     check_subscription,
-    check_timeout,
     handler_name,
     is_async_handler,
 )
@@ -39,11 +39,10 @@ if TYPE_CHECKING:
 __all__ = ["EventBus"]
 
 E = TypeVar("E")
-R = TypeVar("R")
 _get_running_loop = asyncio._get_running_loop  # None when not on asyncio (trio)
 
 
-class EventBus:
+class EventBus(HandlerDecorators):
     """Dispatches events to the handlers subscribed to their type or to a base class of it.
 
     ``max_concurrency`` bounds how many handlers run at once across every emit of this bus;
@@ -112,24 +111,7 @@ class EventBus:
         self._registry.add(sub)
         return sub
 
-    def on(
-        self, event_type: type[E], *, timeout: float | None = None, once: bool = False
-    ) -> Callable[[Callable[[E], R]], Callable[[E], R]]:
-        """Decorator form of `subscribe`; returns the function unchanged."""
-        check_event_type(event_type)  # refuse @bus.on without (EventType) right here
-        check_timeout(timeout)
-
-        def decorator(handler: Callable[[E], R]) -> Callable[[E], R]:
-            self.subscribe(event_type, handler, timeout=timeout, once=once)
-            return handler
-
-        return decorator
-
-    def once(
-        self, event_type: type[E], *, timeout: float | None = None
-    ) -> Callable[[Callable[[E], R]], Callable[[E], R]]:
-        """Decorator: like ``on(event_type, once=True)``."""
-        return self.on(event_type, timeout=timeout, once=True)
+    _add_handler = subscribe
 
     def unsubscribe(self, subscription: Subscription) -> None:
         """End a subscription. A second call for the same subscription does nothing."""

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._decorators import HandlerDecorators
 from ._exceptions import SubscriptionError
-from ._registry import check_event_type, check_subscription, check_timeout
+from ._registry import check_subscription
 
 if TYPE_CHECKING:
     from ._bus import EventBus
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 __all__ = ["Router"]
 
 E = TypeVar("E")
-R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +33,7 @@ class _Entry:
     once: bool
 
 
-class Router:
+class Router(HandlerDecorators):
     """Records handlers for later inclusion into a bus with `EventBus.include`.
 
     >>> router = Router()
@@ -69,18 +69,7 @@ class Router:
         check_subscription(event_type, handler, timeout)
         self._entries.append(_Entry(event_type, handler, timeout, once))
 
-    def on(
-        self, event_type: type[E], *, timeout: float | None = None, once: bool = False
-    ) -> Callable[[Callable[[E], R]], Callable[[E], R]]:
-        """Decorator form of `add`; returns the function unchanged."""
-        check_event_type(event_type)
-        check_timeout(timeout)
-
-        def decorator(handler: Callable[[E], R]) -> Callable[[E], R]:
-            self.add(event_type, handler, timeout=timeout, once=once)
-            return handler
-
-        return decorator
+    _add_handler = add
 
     def add_router(self, router: Router) -> None:
         """Record every handler of another router after this one's."""

@@ -6,7 +6,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 
 import anyio
 import anyio.lowlevel
@@ -279,6 +279,22 @@ async def test_a_sync_handler_that_returns_an_awaitable_is_reported() -> None:
     assert "declare it with async def" in str(error.exception)
 
 
+class NotACoroutine:
+    def __await__(self) -> Generator[None, None, None]:
+        yield
+
+
+async def test_a_sync_handler_that_returns_another_awaitable_is_reported() -> None:
+    bus = EventBus()
+
+    def returns_awaitable(event: object) -> NotACoroutine:
+        return NotACoroutine()
+
+    bus.subscribe(AppWasCreated, returns_awaitable)
+    [error] = (await bus.emit(AppWasCreated())).errors
+    assert isinstance(error.exception, TypeError)
+
+
 async def test_a_callable_object_with_async_call_runs_as_async() -> None:
     bus, threads = EventBus(), []
 
@@ -504,8 +520,9 @@ async def varargs(*events: object, flag: bool = False) -> None: ...
 def test_handlers_with_optional_extra_parameters_are_accepted() -> None:
     bus = EventBus()
     bus.subscribe(AppWasCreated, varargs)
-    bus.subscribe(AppWasCreated, print)  # a builtin: no signature to read, accepted
-    assert len(bus.subscriptions) == 2
+    bus.subscribe(AppWasCreated, print)
+    bus.subscribe(AppWasCreated, vars)  # a builtin with no signature to read: accepted
+    assert len(bus.subscriptions) == 3
 
 
 @pytest.mark.parametrize("timeout", [0, -1, "5"])
