@@ -7,21 +7,34 @@ saying what ran and what failed.
 
 from __future__ import annotations
 
+from ._background import BatchPolicy, DrainReport
 from ._bus import EventBus
 from ._dispatch import Hook
-from ._exceptions import AioEventsError, ConfigurationError, SubscriptionError
+from ._exceptions import (
+    AioEventsError,
+    BusStateError,
+    ConfigurationError,
+    QueueFullError,
+    SubscriptionError,
+)
 from ._names import event_name, event_version
 from ._registry import Subscription
 from ._result import EmitResult, HandlerError
+from ._retry import Retry
 from ._router import Router
 
 __all__ = [
     "AioEventsError",
+    "BatchPolicy",
+    "BusStateError",
     "ConfigurationError",
+    "DrainReport",
     "EmitResult",
     "EventBus",
     "HandlerError",
     "Hook",
+    "QueueFullError",
+    "Retry",
     "Router",
     "Subscription",
     "SubscriptionError",

@@ -13,25 +13,27 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import copy_context
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
 import anyio.abc
 
+from ._background import Background, BatchPolicy, DrainReport
+from ._checks import check_event_type, check_positive_int, check_seconds
 from ._decorators import HandlerDecorators
 from ._dispatch import Guarded, Hook, in_context, observed_runner, record_failure, run_guarded
-from ._exceptions import ConfigurationError, SubscriptionError
+from ._exceptions import BusStateError, SubscriptionError
 from ._names import event_name
 from ._registry import (
     Registry,
     Route,
     Subscription,
-    check_event_type,
     check_subscription,
     handler_name,
     is_async_handler,
 )
 from ._result import EmitResult, HandlerError
+from ._retry import Retry
 
 if TYPE_CHECKING:
     from ._router import Router
@@ -48,6 +50,11 @@ class EventBus(HandlerDecorators):
     ``max_concurrency`` bounds how many handlers run at once across every emit of this bus;
     ``hooks`` are called around every handler call (see `Hook`).
 
+    Within ``async with bus:`` the bus also delivers in the background: `publish` queues an
+    event (at most ``queue_size``, by priority) for ``workers`` tasks, and leaving the block
+    drains the queue within ``drain_timeout`` seconds. ``on_error`` is called with every
+    `HandlerError` of a background delivery (emit returns its errors to the caller instead).
+
     >>> import anyio
     >>> from dataclasses import dataclass
     >>> @dataclass(frozen=True)
@@ -63,13 +70,27 @@ class EventBus(HandlerDecorators):
     (True, 1)
     """
 
-    def __init__(self, *, max_concurrency: int | None = None, hooks: Iterable[Hook] = ()) -> None:
-        if max_concurrency is not None and (
-            type(max_concurrency) is not int or max_concurrency < 1
-        ):
-            raise ConfigurationError(
-                f"max_concurrency must be an int >= 1 or None, got {max_concurrency!r}"
-            )
+    def __init__(
+        self,
+        *,
+        max_concurrency: int | None = None,
+        hooks: Iterable[Hook] = (),
+        workers: int = 4,
+        queue_size: int = 1024,
+        drain_timeout: float = 30.0,
+        on_error: Callable[[HandlerError], object] | None = None,
+    ) -> None:
+        check_positive_int("max_concurrency", max_concurrency, none=True)
+        check_positive_int("workers", workers)
+        check_positive_int("queue_size", queue_size)
+        check_seconds("drain_timeout", drain_timeout)
+        self._background_settings = {
+            "workers": workers,
+            "queue_size": queue_size,
+            "on_error": on_error,
+        }
+        self._drain_timeout = drain_timeout
+        self._background: Background | None = None
         self._registry = Registry()
         self._routes = self._registry.routes
         self._limiter = anyio.CapacityLimiter(max_concurrency) if max_concurrency else None
@@ -90,14 +111,48 @@ class EventBus(HandlerDecorators):
         *,
         timeout: float | None = None,
         once: bool = False,
+        retry: Retry | None = None,
     ) -> Subscription:
         """Subscribe ``handler`` to events of ``event_type`` and of its subclasses.
 
         An ``async def`` handler runs in the event loop; a plain function runs in a worker
         thread. A handler that runs longer than ``timeout`` seconds is recorded as failed with
         a `TimeoutError`. With ``once=True`` the subscription ends after its first event.
+        With ``retry`` a failure of the chosen kinds is retried with backoff (see `Retry`).
         """
+        return self._add_handler(
+            event_type, handler, timeout=timeout, once=once, retry=retry, batch=None
+        )
+
+    def subscribe_batch(
+        self,
+        event_type: type[E],
+        handler: Callable[[Sequence[E]], object],
+        *,
+        max_size: int = 100,
+        max_wait: float = 1.0,
+        timeout: float | None = None,
+        retry: Retry | None = None,
+    ) -> Subscription:
+        """Subscribe ``handler`` to receive ``event_type`` events in batches; see `on_batch`."""
+        batch = BatchPolicy(max_size, max_wait)
+        return self._add_handler(
+            event_type, handler, timeout=timeout, once=False, retry=retry, batch=batch
+        )
+
+    def _add_handler(
+        self,
+        event_type: type[Any],
+        handler: Callable[[Any], object],
+        *,
+        timeout: float | None,
+        once: bool,
+        retry: Retry | None,
+        batch: BatchPolicy | None,
+    ) -> Subscription:
         check_subscription(event_type, handler, timeout)
+        if retry is not None and not isinstance(retry, Retry):
+            raise TypeError(f"retry must be a Retry(...), got {retry!r}")
         sub = Subscription(
             event_type,
             handler,
@@ -105,13 +160,15 @@ class EventBus(HandlerDecorators):
             timeout=timeout,
             once=once,
             is_async=is_async_handler(handler),
+            retry=retry,
+            batch=batch,
             order=self._registry.next_order(),
             owner=self._registry,
         )
         self._registry.add(sub)
+        if batch is not None and self._background is not None:
+            self._background.add_batch(sub)
         return sub
-
-    _add_handler = subscribe
 
     def unsubscribe(self, subscription: Subscription) -> None:
         """End a subscription. A second call for the same subscription does nothing."""
@@ -220,6 +277,87 @@ class EventBus(HandlerDecorators):
         for sub in route.subscriptions:
             if sub.once:
                 self._registry.remove(sub)
+        if route.batches:
+            self._feed_batches(route.batches, event)
+
+    def _feed_batches(self, batch_subs: Sequence[Subscription], event: object) -> None:
+        if self._background is None:
+            names = ", ".join(sub.name for sub in batch_subs)
+            raise BusStateError(
+                f"event {event_name(event)} has batch handlers ({names}), which collect events "
+                f"only while the bus runs: emit inside `async with bus:`"
+            )
+        for sub in batch_subs:
+            self._background.feed(sub, event)
+
+    # -- background delivery ---------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._background is not None:
+            raise BusStateError(f"{self!r} is already running")
+        background = Background(self.emit, **self._background_settings)  # type: ignore[arg-type]
+        batch_subs = [sub for sub in self._registry.all() if sub.batch is not None]
+        await background.start(batch_subs)
+        self._background = background
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._background is not None:
+            await self.stop()
+
+    @property
+    def running(self) -> bool:
+        """True between entering ``async with bus:`` and the end of its drain."""
+        return self._background is not None and self._background.accepting
+
+    async def stop(self, *, drain_timeout: float | None = None) -> DrainReport:
+        """Stop taking events, deliver what is queued, and report; leaving the block does this.
+
+        Delivery goes on, shielded from cancellation, for at most ``drain_timeout`` seconds
+        (the bus's own by default); then the rest is cancelled and returned in the
+        `DrainReport`, and logged. Call it from the task that entered the bus.
+        """
+        check_seconds("drain_timeout", drain_timeout, none=True)
+        background = self._require_running()
+        drain_timeout = drain_timeout or self._drain_timeout
+        try:
+            with anyio.CancelScope(shield=True):
+                drained = await background.drain(drain_timeout)
+        finally:
+            self._background = None
+        # Outside the shield: the task group was entered before it, so it is left after it.
+        return await background.close(drain_timeout, drained=drained)
+
+    async def publish(self, event: object, *, priority: int = 0) -> None:
+        """Queue ``event`` for background delivery and return; higher ``priority`` goes first.
+
+        Waits while the queue is full (back-pressure). Handler failures go to ``on_error``
+        and the log, never to the publisher.
+        """
+        self._check_publishable(event, priority)
+        await self._require_running().publish(event, priority)
+
+    def publish_nowait(self, event: object, *, priority: int = 0) -> None:
+        """Like `publish`, but raise `QueueFullError` instead of waiting for a free place."""
+        self._check_publishable(event, priority)
+        self._require_running().publish_nowait(event, priority)
+
+    def _require_running(self) -> Background:
+        if self._background is None or not self._background.accepting:
+            raise BusStateError(
+                f"{self!r} is not running: publish inside `async with bus:` (for example in "
+                f"the application's lifespan), or await bus.emit(event) to deliver now"
+            )
+        return self._background
+
+    @staticmethod
+    def _check_publishable(event: object, priority: int) -> None:
+        if isinstance(event, type):
+            raise TypeError(
+                f"publish() takes an event instance, got the class {event.__qualname__}"
+            )
+        if type(priority) is not int:
+            raise TypeError(f"priority must be an int, got {priority!r}")
 
     # -- for aioevents.testing ------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import anyio.to_thread
 
 from ._names import event_name
 from ._result import HandlerError
+from ._retry import attempts_of, with_retry
 
 if TYPE_CHECKING:
     from ._registry import Subscription
@@ -64,7 +65,12 @@ class Hook(Protocol):
 
 
 def make_invoke(sub: Subscription) -> Invoke:
-    """Build the awaitable call for a subscription: offload, timeout, or the handler itself."""
+    """Build the awaitable call for a subscription: retry around offload or timeout."""
+    invoke = _make_attempt(sub)
+    return invoke if sub.retry is None else with_retry(invoke, sub.retry)
+
+
+def _make_attempt(sub: Subscription) -> Invoke:
     if not sub.is_async:
         return _in_thread(sub)
     if sub.timeout is not None:
@@ -107,14 +113,19 @@ def _call_sync(sub: Subscription, event: object) -> None:
 def record_failure(
     sub: Subscription, event: object, exc: Exception, errors: list[HandlerError]
 ) -> None:
-    errors.append(HandlerError(sub.name, exc, event=event, subscription=sub))
-    name = event_name(event)
+    errors.append(
+        HandlerError(sub.name, exc, event=event, subscription=sub, attempts=attempts_of(exc))
+    )
+    log_failure(sub, event_name(event), exc)
+
+
+def log_failure(sub: Subscription, what: str, exc: Exception) -> None:
     logger.error(
         "handler %s failed on event %s",
         sub.name,
-        name,
+        what,
         exc_info=exc,
-        extra={"handler": sub.name, "event_name": name},
+        extra={"handler": sub.name, "event_name": what},
     )
 
 

@@ -3,7 +3,9 @@
 Every error the library raises on its own account derives from `AioEventsError`::
 
     AioEventsError
+     ├── BusStateError
      ├── ConfigurationError (also a ValueError)
+     ├── QueueFullError
      └── SubscriptionError
 
 Bad input types are refused with a plain `TypeError`; failures *inside* handlers are never
@@ -13,7 +15,13 @@ of the handlers' own exceptions with ``emit(..., strict=True)``).
 
 from __future__ import annotations
 
-__all__ = ["AioEventsError", "ConfigurationError", "SubscriptionError"]
+__all__ = [
+    "AioEventsError",
+    "BusStateError",
+    "ConfigurationError",
+    "QueueFullError",
+    "SubscriptionError",
+]
 
 
 class AioEventsError(Exception):
@@ -33,3 +41,15 @@ class SubscriptionError(AioEventsError):
     For example unsubscribing a `Subscription` made on another bus, including one `Router`
     twice, or muting a handler that is not subscribed.
     """
+
+
+class BusStateError(AioEventsError):
+    """Raised when the bus is not in the state an operation needs.
+
+    For example publishing to a bus that is not running (outside ``async with bus:``), or
+    entering a bus that is already running.
+    """
+
+
+class QueueFullError(AioEventsError):
+    """Raised by `EventBus.publish_nowait` when the background queue has no free place."""

@@ -13,17 +13,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._background import BatchPolicy
+from ._checks import check_event_type, check_seconds
 from ._dispatch import Invoke, make_invoke
-from ._exceptions import ConfigurationError
 from ._result import EmitResult
+from ._retry import Retry
 
 __all__ = [
     "Registry",
     "Route",
     "Subscription",
-    "check_event_type",
     "check_subscription",
-    "check_timeout",
     "handler_name",
 ]
 
@@ -43,6 +43,8 @@ class Subscription:
     timeout: float | None = None
     once: bool = False
     is_async: bool = True
+    retry: Retry | None = None
+    batch: BatchPolicy | None = None
     order: int = field(default=0, repr=False)
     # The registry that made it: unsubscribing it from another bus is a mistake to report.
     owner: object = field(default=None, repr=False, compare=False)
@@ -57,15 +59,17 @@ class Subscription:
 class Route:
     """The dispatch plan for one concrete event type, cached by the registry."""
 
-    __slots__ = ("handlers", "needs_preparation", "ok_result", "subscriptions")
+    __slots__ = ("batches", "handlers", "needs_preparation", "ok_result", "subscriptions")
 
     def __init__(self, subscriptions: tuple[Subscription, ...], *, observed: bool) -> None:
-        self.subscriptions = subscriptions
-        self.handlers = tuple(sub.name for sub in subscriptions)
+        self.subscriptions = tuple(sub for sub in subscriptions if sub.batch is None)
+        self.batches = tuple(sub for sub in subscriptions if sub.batch is not None)
+        self.handlers = tuple(sub.name for sub in self.subscriptions)
         # Shared by every emit of this type that has no failure: immutable, so safe to reuse.
         self.ok_result = EmitResult(self.handlers)
-        # One flag keeps the hot path to a single check for both rare cases.
-        self.needs_preparation = observed or any(sub.once for sub in subscriptions)
+        # One flag keeps the hot path to a single check for the rare cases.
+        once = any(sub.once for sub in subscriptions)
+        self.needs_preparation = observed or once or bool(self.batches)
 
 
 def handler_name(handler: object) -> str:
@@ -82,29 +86,10 @@ def is_async_handler(handler: Handler) -> bool:
     return not inspect.isroutine(handler) and inspect.iscoroutinefunction(call)
 
 
-def check_event_type(event_type: object) -> None:
-    if not isinstance(event_type, type):
-        hint = (
-            " (did you write @bus.on instead of @bus.on(EventType)?)"
-            if callable(event_type)
-            else ""
-        )
-        raise TypeError(f"an event type must be a class, got {event_type!r}{hint}")
-
-
-def check_timeout(timeout: object) -> None:
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-        raise ConfigurationError(
-            f"timeout must be a number of seconds > 0 or None, got {timeout!r}"
-        )
-
-
 def check_subscription(event_type: object, handler: object, timeout: object) -> None:
     """Refuse, with a message that says what to fix, what could never be dispatched."""
     check_event_type(event_type)
-    check_timeout(timeout)
+    check_seconds("timeout", timeout, none=True)
     if not callable(handler):
         raise TypeError(f"a handler must be callable, got {handler!r}")
     try:

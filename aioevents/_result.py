@@ -16,13 +16,15 @@ __all__ = ["EmitResult", "HandlerError"]
 class HandlerError:
     """One handler's failure during an emit.
 
-    A handler that overran its ``timeout`` is recorded with a `TimeoutError`.
+    A handler that overran its ``timeout`` is recorded with a `TimeoutError`; ``attempts``
+    counts the tries of a handler subscribed with ``retry``.
     """
 
     handler_name: str
     exception: Exception
     event: object = field(default=None, kw_only=True, repr=False)
     subscription: Subscription | None = field(default=None, kw_only=True, repr=False)
+    attempts: int = field(default=1, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._background import BatchPolicy
 from ._decorators import HandlerDecorators
 from ._exceptions import SubscriptionError
 from ._registry import check_subscription
+from ._retry import Retry
 
 if TYPE_CHECKING:
     from ._bus import EventBus
@@ -31,6 +33,8 @@ class _Entry:
     handler: Callable[[Any], object]
     timeout: float | None
     once: bool
+    retry: Retry | None = None
+    batch: BatchPolicy | None = None
 
 
 class Router(HandlerDecorators):
@@ -64,12 +68,23 @@ class Router(HandlerDecorators):
         *,
         timeout: float | None = None,
         once: bool = False,
+        retry: Retry | None = None,
     ) -> None:
         """Record ``handler`` for ``event_type``, checked now as `EventBus.subscribe` would."""
-        check_subscription(event_type, handler, timeout)
-        self._entries.append(_Entry(event_type, handler, timeout, once))
+        self._add_handler(event_type, handler, timeout=timeout, once=once, retry=retry, batch=None)
 
-    _add_handler = add
+    def _add_handler(
+        self,
+        event_type: type[Any],
+        handler: Callable[[Any], object],
+        *,
+        timeout: float | None,
+        once: bool,
+        retry: Retry | None,
+        batch: BatchPolicy | None,
+    ) -> None:
+        check_subscription(event_type, handler, timeout)
+        self._entries.append(_Entry(event_type, handler, timeout, once, retry, batch))
 
     def add_router(self, router: Router) -> None:
         """Record every handler of another router after this one's."""
@@ -84,7 +99,14 @@ class Router(HandlerDecorators):
             )
         self._included_in.add(bus)
         return tuple(
-            bus.subscribe(entry.event_type, entry.handler, timeout=entry.timeout, once=entry.once)
+            bus._add_handler(
+                entry.event_type,
+                entry.handler,
+                timeout=entry.timeout,
+                once=entry.once,
+                retry=entry.retry,
+                batch=entry.batch,
+            )
             for entry in self._entries
         )
 

@@ -7,7 +7,13 @@ import importlib
 
 import pytest
 
-MODULES = ["aioevents._bus", "aioevents._names", "aioevents._router", "aioevents.testing"]
+MODULES = [
+    "aioevents._bus",
+    "aioevents._names",
+    "aioevents._retry",
+    "aioevents._router",
+    "aioevents.testing",
+]
 
 
 @pytest.mark.parametrize("module_name", MODULES)
