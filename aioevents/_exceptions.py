@@ -6,7 +6,8 @@ Every error the library raises on its own account derives from `AioEventsError`:
      ├── BusStateError
      ├── ConfigurationError (also a ValueError)
      ├── QueueFullError
-     └── SubscriptionError
+     ├── SubscriptionError
+     └── aioevents.sqlalchemy.NoTransactionError
 
 Bad input types are refused with a plain `TypeError`; failures *inside* handlers are never
 raised as these: they are reported in `EmitResult.errors` (or raised as an `ExceptionGroup`
