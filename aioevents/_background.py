@@ -164,6 +164,7 @@ class Background:
         self._unfinished = 0  # queued or being delivered
         self._idle = anyio.Event()
         self._in_flight: dict[int, object] = {}
+        self._deliveries = itertools.count()
         self._interrupted: list[object] = []
         self.delivered = 0
         self.accepting = False
@@ -193,7 +194,7 @@ class Background:
     async def _work(self) -> None:
         while True:
             event = await self._queue.get()
-            key = id(event)
+            key = next(self._deliveries)  # not id(event): one event may be published twice
             self._in_flight[key] = event
             try:
                 result = await self._emit(event)

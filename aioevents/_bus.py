@@ -11,6 +11,7 @@ order, each isolated, all finished or cancelled before emit returns.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import copy_context
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -84,11 +85,9 @@ class EventBus(HandlerDecorators):
         check_positive_int("workers", workers)
         check_positive_int("queue_size", queue_size)
         check_seconds("drain_timeout", drain_timeout)
-        self._background_settings = {
-            "workers": workers,
-            "queue_size": queue_size,
-            "on_error": on_error,
-        }
+        self._new_background = functools.partial(
+            Background, workers=workers, queue_size=queue_size, on_error=on_error
+        )
         self._drain_timeout = drain_timeout
         self._background: Background | None = None
         self._registry = Registry()
@@ -295,7 +294,7 @@ class EventBus(HandlerDecorators):
     async def __aenter__(self) -> Self:
         if self._background is not None:
             raise BusStateError(f"{self!r} is already running")
-        background = Background(self.emit, **self._background_settings)  # type: ignore[arg-type]
+        background = self._new_background(self.emit)
         batch_subs = [sub for sub in self._registry.all() if sub.batch is not None]
         await background.start(batch_subs)
         self._background = background

@@ -63,6 +63,21 @@ async def test_publish_returns_at_once_and_leaving_the_block_delivers_everything
     assert sorted(handled) == list(range(20))
 
 
+async def test_one_event_published_twice_is_delivered_twice() -> None:
+    bus, handled = EventBus(workers=2), list[Job]()
+
+    @bus.on(Job)
+    async def record(job: Job) -> None:
+        await anyio.sleep(0.01)
+        handled.append(job)
+
+    job = Job(1)
+    async with bus:
+        await bus.publish(job)
+        await bus.publish(job)
+    assert handled == [job, job]
+
+
 async def test_higher_priority_first_and_fifo_within_a_priority() -> None:
     bus, gate, order = EventBus(workers=1), Gate(), list[int]()
 
