@@ -163,8 +163,6 @@ class Background:
         self._batches: dict[Subscription, _Batch] = {}
         self._unfinished = 0  # queued or being delivered
         self._idle = anyio.Event()
-        self._in_flight: dict[int, object] = {}
-        self._deliveries = itertools.count()
         self._interrupted: list[object] = []
         self.delivered = 0
         self.accepting = False
@@ -194,15 +192,11 @@ class Background:
     async def _work(self) -> None:
         while True:
             event = await self._queue.get()
-            key = next(self._deliveries)  # not id(event): one event may be published twice
-            self._in_flight[key] = event
             try:
                 result = await self._emit(event)
             except anyio.get_cancelled_exc_class():
-                self._interrupted.append(event)
+                self._interrupted.append(event)  # its handlers were stopped by the drain timeout
                 raise
-            finally:
-                del self._in_flight[key]
             self.delivered += 1
             self._finished()
             await self._report(result.errors)
