@@ -18,7 +18,7 @@ def tests(session: nox.Session) -> None:
     session.run(
         "pytest",
         "--cov",
-        "--cov-report=term-missing:skip-covered",
+        "--cov-report=term-missing",
         *session.posargs,
         env={"PYTHONDEVMODE": "1"},
     )
