@@ -41,9 +41,10 @@ def typing(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Run the demo on the embedded default (no servers needed)."""
+    """Run the llm_platform demo: SQLite and in-memory cache unless DATABASE_URL / REDIS_URL."""
     session.install("-e", ".[examples]")
     session.run("python", "examples/quickstart.py")
+    session.run("python", "-m", "examples.llm_platform")
 
 
 @nox.session

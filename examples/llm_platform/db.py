@@ -1,0 +1,62 @@
+"""Engines for the embedded default (SQLite) and for PostgreSQL, and schema creation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from .models import Base
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///llm_platform.sqlite3"
+
+SessionFactory = async_sessionmaker[AsyncSession]
+
+
+def create_engine(url: str, *, search_path: str | None = None) -> AsyncEngine:
+    """An engine for ``url``; ``search_path`` puts PostgreSQL tables in that schema."""
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url)
+    connect_args: dict[str, Any] = {}
+    if search_path is not None:
+        connect_args["server_settings"] = {"search_path": search_path}
+    return create_async_engine(url, connect_args=connect_args)
+
+
+def _sqlite_engine(url: str) -> AsyncEngine:
+    # Handlers run concurrently, each in its own transaction. SQLite's default deferred
+    # transactions let two readers both try to upgrade to writers, and one then fails at once
+    # with "database is locked"; BEGIN IMMEDIATE takes the write lock up front so writers
+    # queue on the busy timeout instead.
+    engine = create_async_engine(url, connect_args={"timeout": 30})
+    event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+    event.listen(engine.sync_engine, "begin", _sqlite_begin_immediate)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: object) -> None:
+    dbapi_connection.isolation_level = None  # SQLAlchemy's begin event issues BEGIN itself
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def _sqlite_begin_immediate(connection: Connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def session_factory(engine: AsyncEngine) -> SessionFactory:
+    # expire_on_commit=False: services read ids off rows after the commit that emits.
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def create_schema(engine: AsyncEngine) -> None:
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)

@@ -1,0 +1,123 @@
+"""``python -m examples.llm_platform``: the scripted scenario, with a report per event.
+
+Per event it prints which handlers ran, how long each took and what each changed (rows
+created, updated and deleted as the database counted them; cache keys deleted), then a table
+per handler. The exit status is 1 if any handler failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+
+from aioevents import event_name
+from aioevents.testing import CapturedEvents, capture
+
+from .app import Platform, engine_and_cache_from_env, open_platform
+from .changes import ChangeRecorder, HandlerRun, count_rows
+from .scenario import run_scenario
+from .uow import Done
+
+T = TypeVar("T")
+
+
+def short_name(handler: str) -> str:
+    """The handler's module name: the name the original gave the handler."""
+    parts = handler.split(".")
+    return parts[-2] if len(parts) > 1 else handler
+
+
+def describe(changes: dict[str, int]) -> str:
+    return ", ".join(f"{count} {kind}" for kind, count in changes.items()) or "no change"
+
+
+@dataclass
+class Report:
+    """Prints each step's events and handler runs as they happen, and the summary."""
+
+    recorder: ChangeRecorder
+    events: CapturedEvents
+    failures: int = 0
+    _seen_runs: int = 0
+    _seen_events: int = 0
+    _totals: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+
+    async def step(self, title: str, call: Awaitable[Done[T]]) -> T:
+        done = await call
+        emitted = self.events[self._seen_events :]
+        print(f"> {title}" + ("" if emitted else ": no event"))
+        runs = self.recorder.runs[self._seen_runs :]
+        for event in emitted:
+            self._print_event(event, [run for run in runs if run.event is event])
+        self._seen_runs, self._seen_events = len(self.recorder.runs), len(self.events)
+        return done.value
+
+    def _print_event(self, event: object, runs: list[HandlerRun]) -> None:
+        print(f"  {event_name(event)}: {len(runs)} handler(s)")
+        for run in runs:
+            self._total(run)
+            if run.error is None:
+                outcome = describe(run.changes)
+            else:
+                outcome = f"FAILED {run.error!r}"
+            status = "ok " if run.error is None else "ERR"
+            took = f"{run.duration * 1000:7.1f} ms"
+            print(f"    {status} {short_name(run.handler):<60} {took}  {outcome}")
+
+    def _total(self, run: HandlerRun) -> None:
+        totals = self._totals[short_name(run.handler)]
+        totals["runs"] += 1
+        totals["failed"] += run.error is not None
+        totals["us"] += round(run.duration * 1_000_000)
+        totals.update(run.changes)
+        self.failures += run.error is not None
+
+    def print_summary(self) -> None:
+        columns = {"runs": "runs", "failed": "failed", "rows created": "created",
+                   "rows updated": "updated", "rows deleted": "deleted",
+                   "cache keys deleted": "cache del"}  # fmt: skip
+        header = " ".join(f"{title:>9}" for title in columns.values())
+        print(f"\n{'handler':<60} {header} {'ms':>8}")
+        for handler, totals in sorted(self._totals.items()):
+            cells = " ".join(f"{totals[column]:>9}" for column in columns)
+            print(f"{handler:<60} {cells} {totals['us'] / 1000:>8.1f}")
+        runs = sum(totals["runs"] for totals in self._totals.values())
+        print(f"\n{len(self.events)} events, {runs} handler runs, {self.failures} failed")
+
+
+async def run_demo(platform: Platform, recorder: ChangeRecorder) -> int:
+    with capture(platform.bus) as events:
+        report = Report(recorder, events)
+        await run_scenario(platform.services, report.step, platform.cache.set)
+    report.print_summary()
+    return 1 if report.failures else 0
+
+
+async def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.llm_platform", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the handlers' logs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR, format="    | %(name)s: %(message)s"
+    )
+    engine, cache = engine_and_cache_from_env()
+    database = engine.url.render_as_string(hide_password=True)
+    print(f"database: {database}; cache: {type(cache).__name__}")
+    count_rows(engine)
+    recorder = ChangeRecorder()
+    async with open_platform(engine, cache, hooks=[recorder]) as platform:
+        print(
+            "handlers: "
+            + ", ".join(sorted({short_name(sub.name) for sub in platform.bus.subscriptions}))
+        )
+        return await run_demo(platform, recorder)
+
+
+def run(argv: list[str] | None = None) -> Any:
+    return anyio.run(main, argv)

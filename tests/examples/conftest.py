@@ -1,0 +1,133 @@
+"""The llm_platform under test: on SQLite in a temporary file, and on PostgreSQL with Redis.
+
+The PostgreSQL platform lives in a schema of its own (dropped afterwards) and its Redis keys
+under a prefix of their own: other tests share the same database and server.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+from sqlalchemy import select, text
+
+from aioevents import EventBus
+from examples.llm_platform.app import Platform, open_platform
+from examples.llm_platform.cache import Cache, MemoryCache, RedisCache
+from examples.llm_platform.changes import ChangeRecorder, count_rows
+from examples.llm_platform.db import create_engine
+from examples.llm_platform.models import Row
+from examples.llm_platform.services import Services
+
+R = TypeVar("R", bound=Row)
+
+BACKENDS = [
+    "sqlite",
+    pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.redis]),
+]
+
+
+@dataclass
+class Harness:
+    """A running platform, what its handlers changed, and the ids of a tenant and account."""
+
+    platform: Platform
+    recorder: ChangeRecorder
+    tenant_id: str = ""
+    account_id: str = ""
+
+    @property
+    def services(self) -> Services:
+        return self.platform.services
+
+    @property
+    def bus(self) -> EventBus:
+        return self.platform.bus
+
+    @property
+    def cache(self) -> Cache:
+        return self.platform.cache
+
+    async def rows(self, model: type[R], **where: Any) -> list[R]:
+        async with self.platform.sessions() as session:
+            query = select(model).filter_by(**where).order_by(model.created_at, model.id)
+            return list(await session.scalars(query))
+
+    async def emit_again(self, event: object) -> dict[str, dict[str, int]]:
+        """Emit ``event`` a second time; what each handler changed in that run, by name."""
+        seen = len(self.recorder.runs)
+        result = await self.bus.emit(event)
+        assert result.ok, result.errors
+        return {run.handler.rsplit(".", 1)[-1]: run.changes for run in self.recorder.runs[seen:]}
+
+
+@pytest_asyncio.fixture(params=BACKENDS)
+async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    if request.param == "sqlite":
+        async with _platform(f"sqlite+aiosqlite:///{tmp_path / 'platform.sqlite3'}") as harness:
+            yield harness
+        return
+    database_url: str = request.getfixturevalue("database_url")
+    redis_url: str = request.getfixturevalue("redis_url")
+    async with _postgres_schema(database_url) as schema, _redis_prefix(redis_url) as prefix:
+        cache = RedisCache(redis_url, prefix=prefix)
+        async with _platform(database_url, schema=schema, cache=cache) as harness:
+            yield harness
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'platform.sqlite3'}"
+
+
+@asynccontextmanager
+async def _platform(
+    url: str, *, schema: str | None = None, cache: Cache | None = None
+) -> AsyncIterator[Harness]:
+    engine = create_engine(url, search_path=schema)
+    count_rows(engine)
+    recorder = ChangeRecorder()
+    async with open_platform(engine, cache or MemoryCache(), hooks=[recorder]) as platform:
+        harness = Harness(platform, recorder)
+        tenant = (await platform.services.tenants.create_tenant("Acme")).value
+        account = await platform.services.tenants.create_account(
+            tenant.id, "Ann", "ann@acme.test", "de-DE"
+        )
+        harness.tenant_id, harness.account_id = tenant.id, account.value.id
+        yield harness
+
+
+@asynccontextmanager
+async def _postgres_schema(database_url: str) -> AsyncIterator[str]:
+    schema = f"llm_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(database_url)
+    try:
+        async with admin.begin() as connection:
+            await connection.execute(text(f"CREATE SCHEMA {schema}"))
+        yield schema
+    finally:
+        async with admin.begin() as connection:
+            await connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        await admin.dispose()
+
+
+@asynccontextmanager
+async def _redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    prefix = f"llm_test_{uuid.uuid4().hex[:12]}:"
+    try:
+        yield prefix
+    finally:
+        redis = Redis.from_url(redis_url)
+        try:
+            keys = [key async for key in redis.scan_iter(match=f"{prefix}*")]
+            if keys:
+                await redis.delete(*keys)
+        finally:
+            await redis.aclose()
