@@ -26,6 +26,7 @@ from ._dispatch import Guarded, Hook, in_context, observed_runner, record_failur
 from ._exceptions import BusStateError, SubscriptionError
 from ._names import event_name
 from ._registry import (
+    Options,
     Registry,
     Route,
     Subscription,
@@ -111,6 +112,7 @@ class EventBus(HandlerDecorators):
         timeout: float | None = None,
         once: bool = False,
         retry: Retry | None = None,
+        name: str | None = None,
     ) -> Subscription:
         """Subscribe ``handler`` to events of ``event_type`` and of its subclasses.
 
@@ -118,10 +120,10 @@ class EventBus(HandlerDecorators):
         thread. A handler that runs longer than ``timeout`` seconds is recorded as failed with
         a `TimeoutError`. With ``once=True`` the subscription ends after its first event.
         With ``retry`` a failure of the chosen kinds is retried with backoff (see `Retry`).
+        ``name`` is how logs and reports call it (its qualified name by default).
         """
-        return self._add_handler(
-            event_type, handler, timeout=timeout, once=once, retry=retry, batch=None
-        )
+        options = Options(timeout=timeout, once=once, retry=retry, name=name)
+        return self._add(event_type, handler, options)
 
     def subscribe_batch(
         self,
@@ -132,40 +134,31 @@ class EventBus(HandlerDecorators):
         max_wait: float = 1.0,
         timeout: float | None = None,
         retry: Retry | None = None,
+        name: str | None = None,
     ) -> Subscription:
         """Subscribe ``handler`` to receive ``event_type`` events in batches; see `on_batch`."""
         batch = BatchPolicy(max_size, max_wait)
-        return self._add_handler(
-            event_type, handler, timeout=timeout, once=False, retry=retry, batch=batch
-        )
+        options = Options(timeout=timeout, retry=retry, batch=batch, name=name)
+        return self._add(event_type, handler, options)
 
-    def _add_handler(
-        self,
-        event_type: type[Any],
-        handler: Callable[[Any], object],
-        *,
-        timeout: float | None,
-        once: bool,
-        retry: Retry | None,
-        batch: BatchPolicy | None,
+    def _add(
+        self, event_type: type[Any], handler: Callable[[Any], object], options: Options
     ) -> Subscription:
-        check_subscription(event_type, handler, timeout)
-        if retry is not None and not isinstance(retry, Retry):
-            raise TypeError(f"retry must be a Retry(...), got {retry!r}")
+        check_subscription(event_type, handler)
         sub = Subscription(
             event_type,
             handler,
-            handler_name(handler),
-            timeout=timeout,
-            once=once,
+            options.name or handler_name(handler),
+            timeout=options.timeout,
+            once=options.once,
             is_async=is_async_handler(handler),
-            retry=retry,
-            batch=batch,
+            retry=options.retry,
+            batch=options.batch,
             order=self._registry.next_order(),
             owner=self._registry,
         )
         self._registry.add(sub)
-        if batch is not None and self._background is not None:
+        if sub.batch is not None and self._background is not None:
             self._background.add_batch(sub)
         return sub
 

@@ -1,4 +1,4 @@
-"""The ``on``, ``once`` and ``on_batch`` decorators, shared by EventBus and Router."""
+"""``on``, ``once`` and ``on_batch``: the decorators shared by EventBus and Router."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ._background import BatchPolicy
-from ._checks import check_event_type, check_seconds
+from ._checks import check_event_type
+from ._registry import Options
 from ._retry import Retry
 
 __all__ = ["HandlerDecorators"]
@@ -16,22 +17,15 @@ R = TypeVar("R")
 
 
 class HandlerDecorators:
-    """Decorators over ``_add_handler``, which the subclass defines (subscribe or record).
+    """Decorators over ``_add``, which the subclass defines (subscribe, or record).
 
     The handler's parameter is typed with the event type, so that ``mypy --strict`` reports
     a handler for an unrelated event on the decorator line.
     """
 
-    def _add_handler(
-        self,
-        event_type: type[Any],
-        handler: Callable[[Any], object],
-        *,
-        timeout: float | None,
-        once: bool,
-        retry: Retry | None,
-        batch: BatchPolicy | None,
-    ) -> object:
+    def _add(
+        self, event_type: type[Any], handler: Callable[[Any], object], options: Options
+    ) -> Any:
         raise NotImplementedError
 
     def on(
@@ -41,24 +35,23 @@ class HandlerDecorators:
         timeout: float | None = None,
         once: bool = False,
         retry: Retry | None = None,
+        name: str | None = None,
     ) -> Callable[[Callable[[E], R]], Callable[[E], R]]:
         """Decorator: subscribe the function to ``event_type``; returns it unchanged."""
         check_event_type(event_type)  # refuse @bus.on without (EventType) right here
-        check_seconds("timeout", timeout, none=True)
+        options = Options(timeout=timeout, once=once, retry=retry, name=name)
 
         def decorator(handler: Callable[[E], R]) -> Callable[[E], R]:
-            self._add_handler(
-                event_type, handler, timeout=timeout, once=once, retry=retry, batch=None
-            )
+            self._add(event_type, handler, options)
             return handler
 
         return decorator
 
     def once(
-        self, event_type: type[E], *, timeout: float | None = None
+        self, event_type: type[E], *, timeout: float | None = None, name: str | None = None
     ) -> Callable[[Callable[[E], R]], Callable[[E], R]]:
         """Decorator: like ``on(event_type, once=True)``."""
-        return self.on(event_type, timeout=timeout, once=True)
+        return self.on(event_type, timeout=timeout, once=True, name=name)
 
     def on_batch(
         self,
@@ -68,6 +61,7 @@ class HandlerDecorators:
         max_wait: float = 1.0,
         timeout: float | None = None,
         retry: Retry | None = None,
+        name: str | None = None,
     ) -> Callable[[Callable[[Sequence[E]], R]], Callable[[Sequence[E]], R]]:
         """Decorator: the function receives ``event_type`` events in batches (see `BatchPolicy`).
 
@@ -76,12 +70,11 @@ class HandlerDecorators:
         bus runs (``async with bus:``), from both ``emit`` and ``publish``.
         """
         check_event_type(event_type)
-        policy = BatchPolicy(max_size, max_wait)
+        batch = BatchPolicy(max_size, max_wait)
+        options = Options(timeout=timeout, retry=retry, batch=batch, name=name)
 
         def decorator(handler: Callable[[Sequence[E]], R]) -> Callable[[Sequence[E]], R]:
-            self._add_handler(
-                event_type, handler, timeout=timeout, once=False, retry=retry, batch=policy
-            )
+            self._add(event_type, handler, options)
             return handler
 
         return decorator

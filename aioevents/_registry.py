@@ -20,6 +20,7 @@ from ._result import EmitResult
 from ._retry import Retry
 
 __all__ = [
+    "Options",
     "Registry",
     "Route",
     "Subscription",
@@ -28,6 +29,23 @@ __all__ = [
 ]
 
 Handler = Callable[[Any], object]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    """How a handler is to be run; checked when made, so a router fails where it records."""
+
+    timeout: float | None = None
+    once: bool = False
+    retry: Retry | None = None
+    batch: BatchPolicy | None = None
+    name: str | None = None  # the handler's qualified name unless given
+
+    def __post_init__(self) -> None:
+        check_seconds("timeout", self.timeout, none=True)
+        if self.retry is not None and not isinstance(self.retry, Retry):
+            raise TypeError(f"retry must be a Retry(...), got {self.retry!r}")
+        _check_name(self.name)
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -54,6 +72,11 @@ class Subscription:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "invoke", make_invoke(self))
+
+
+def _check_name(name: object) -> None:
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
 
 
 class Route:
@@ -86,10 +109,9 @@ def is_async_handler(handler: Handler) -> bool:
     return not inspect.isroutine(handler) and inspect.iscoroutinefunction(call)
 
 
-def check_subscription(event_type: object, handler: object, timeout: object) -> None:
+def check_subscription(event_type: object, handler: object) -> None:
     """Refuse, with a message that says what to fix, what could never be dispatched."""
     check_event_type(event_type)
-    check_seconds("timeout", timeout, none=True)
     if not callable(handler):
         raise TypeError(f"a handler must be callable, got {handler!r}")
     try:

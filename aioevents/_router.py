@@ -12,10 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._background import BatchPolicy
 from ._decorators import HandlerDecorators
 from ._exceptions import SubscriptionError
-from ._registry import check_subscription
+from ._registry import Options, check_subscription
 from ._retry import Retry
 
 if TYPE_CHECKING:
@@ -31,10 +30,7 @@ E = TypeVar("E")
 class _Entry:
     event_type: type
     handler: Callable[[Any], object]
-    timeout: float | None
-    once: bool
-    retry: Retry | None = None
-    batch: BatchPolicy | None = None
+    options: Options
 
 
 class Router(HandlerDecorators):
@@ -69,22 +65,16 @@ class Router(HandlerDecorators):
         timeout: float | None = None,
         once: bool = False,
         retry: Retry | None = None,
+        name: str | None = None,
     ) -> None:
         """Record ``handler`` for ``event_type``, checked now as `EventBus.subscribe` would."""
-        self._add_handler(event_type, handler, timeout=timeout, once=once, retry=retry, batch=None)
+        self._add(event_type, handler, Options(timeout=timeout, once=once, retry=retry, name=name))
 
-    def _add_handler(
-        self,
-        event_type: type[Any],
-        handler: Callable[[Any], object],
-        *,
-        timeout: float | None,
-        once: bool,
-        retry: Retry | None,
-        batch: BatchPolicy | None,
+    def _add(
+        self, event_type: type[Any], handler: Callable[[Any], object], options: Options
     ) -> None:
-        check_subscription(event_type, handler, timeout)
-        self._entries.append(_Entry(event_type, handler, timeout, once, retry, batch))
+        check_subscription(event_type, handler)
+        self._entries.append(_Entry(event_type, handler, options))
 
     def add_router(self, router: Router) -> None:
         """Record every handler of another router after this one's."""
@@ -99,15 +89,7 @@ class Router(HandlerDecorators):
             )
         self._included_in.add(bus)
         return tuple(
-            bus._add_handler(
-                entry.event_type,
-                entry.handler,
-                timeout=entry.timeout,
-                once=entry.once,
-                retry=entry.retry,
-                batch=entry.batch,
-            )
-            for entry in self._entries
+            bus._add(entry.event_type, entry.handler, entry.options) for entry in self._entries
         )
 
 

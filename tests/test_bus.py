@@ -467,6 +467,20 @@ async def test_unsubscribe_stops_delivery_and_a_second_call_is_a_no_op() -> None
     assert log == ["h"]
 
 
+async def test_a_handler_can_be_given_the_name_reports_use() -> None:
+    bus = EventBus()
+
+    @bus.on(AppWasCreated, name="create-site")
+    async def failing(event: AppWasCreated) -> None:
+        raise ValueError
+
+    [error] = (await bus.emit(AppWasCreated())).errors
+    assert error.handler_name == "create-site"
+    assert bus.subscriptions[0].name == "create-site"
+    with pytest.raises(TypeError, match="name must be a non-empty str"):
+        bus.subscribe(AppWasCreated, failing, name="")
+
+
 def test_unsubscribing_another_buses_subscription_is_refused() -> None:
     sub = EventBus().subscribe(AppWasCreated, recorder([], "h"))
     with pytest.raises(SubscriptionError, match="subscribed on another bus"):

@@ -19,7 +19,7 @@ async def no_argument() -> None: ...
 
 def test_a_router_subscribes_nothing_until_included() -> None:
     router, bus = Router(), EventBus()
-    router.on(AppWasCreated, timeout=2)(on_app)
+    router.on(AppWasCreated, timeout=2, name="apps")(on_app)
     router.add(TenantWasCreated, on_tenant, once=True)
     assert bus.subscriptions == ()
 
@@ -28,6 +28,7 @@ def test_a_router_subscribes_nothing_until_included() -> None:
         (AppWasCreated, on_app, 2, False),
         (TenantWasCreated, on_tenant, None, True),
     ]
+    assert [sub.name for sub in subs] == ["apps", f"{__name__}.on_tenant"]
     assert bus.subscriptions == subs
 
 
