@@ -19,7 +19,7 @@ import anyio
 from aioevents import event_name
 from aioevents.testing import CapturedEvents, capture
 
-from .app import Platform, engine_and_cache_from_env, open_platform
+from .app import Platform, engine_and_cache_from_env, open_platform, throttle_from_env
 from .changes import ChangeRecorder, HandlerRun, count_rows
 from .scenario import run_scenario
 from .uow import Done
@@ -111,7 +111,8 @@ async def main(argv: list[str] | None = None) -> int:
     print(f"database: {database}; cache: {type(cache).__name__}")
     count_rows(engine)
     recorder = ChangeRecorder()
-    async with open_platform(engine, cache, hooks=[recorder]) as platform:
+    throttle = throttle_from_env()
+    async with open_platform(engine, cache, throttle=throttle, hooks=[recorder]) as platform:
         print(
             "handlers: "
             + ", ".join(sorted({short_name(sub.name) for sub in platform.bus.subscriptions}))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from aioevents.throttle import MemoryThrottle, Throttle
 
 from .cache import Cache
 from .db import SessionFactory
@@ -12,3 +14,4 @@ from .db import SessionFactory
 class Deps:
     sessions: SessionFactory
     cache: Cache
+    throttle: Throttle = field(default_factory=MemoryThrottle)

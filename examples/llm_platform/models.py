@@ -11,7 +11,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -219,13 +219,36 @@ class Message(Row):
 
 
 class Provider(Row):
-    """Quota and last use per tenant and provider; its handler comes with its own issue."""
+    """One model provider of a tenant: its hosted quota and when it was last used.
+
+    One row per (tenant, provider name): ``provider_type`` says whether the platform hosts it
+    (``system``, with a quota of ``quota_type`` counted in `quota.QuotaUnit` units; a
+    ``quota_limit`` of -1 is unlimited) or the tenant brings its own key (``custom``, no quota).
+    """
 
     __tablename__ = "providers"
-    __table_args__ = (UniqueConstraint("tenant_id", "provider_name", "provider_type"),)
+    __table_args__ = (UniqueConstraint("tenant_id", "provider_name"),)
     tenant_id: Mapped[str] = mapped_column(String(36))
     provider_name: Mapped[str] = mapped_column(String(255))
     provider_type: Mapped[str] = mapped_column(String(16), default="system")
-    quota_limit: Mapped[int] = mapped_column(Integer, default=0)
-    quota_used: Mapped[int] = mapped_column(Integer, default=0)
+    quota_type: Mapped[str] = mapped_column(String(16), default="trial")
+    quota_limit: Mapped[int] = mapped_column(BigInteger, default=0)
+    quota_used: Mapped[int] = mapped_column(BigInteger, default=0)
     last_used: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class ProviderUsage(Base):
+    """The ledger of quota charges: one row per message, so a message is charged at most once.
+
+    Written in the transaction that charges the quota; a redelivered message finds its row
+    and charges nothing. ``charged`` is false when the quota was exhausted: the message was
+    counted but not added to ``quota_used``.
+    """
+
+    __tablename__ = "provider_usage_ledger"
+    message_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(36))
+    provider_name: Mapped[str] = mapped_column(String(255))
+    units: Mapped[int] = mapped_column(BigInteger)
+    charged: Mapped[bool] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

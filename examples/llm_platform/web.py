@@ -4,6 +4,17 @@ Run it with ``uvicorn examples.llm_platform.web:app``. Refused input is a 4xx wi
 body (404 unknown id, 409 duplicate, 422 invalid), and since a service call is one
 transaction, a refused call has changed nothing. Each write answers with the reports of the
 events it emitted, so a failed handler is visible to the caller.
+
+The lifespan runs the bus (``async with bus:``), and leaving it drains what is queued. What
+is delivered in the background, and what is awaited:
+
+- message-was-created (``POST /apps/{id}/messages``) is published in the background: its
+  handler only books quota and ``last_used``, which the chat user never reads back, so the
+  answer does not wait for it; on a running bus that handler is the batch variant, which
+  writes each provider's quota once per batch instead of once per message.
+- every other event is awaited after its commit, because the caller reads its handlers'
+  work in the very next request (the app's site and installation, dataset joins, triggers
+  and schedule, indexed documents, cleaned-up rows) and the response reports their failures.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from fastapi.responses import JSONResponse
 
 from aioevents import EmitResult
 
-from .app import Platform, engine_and_cache_from_env, open_platform
+from .app import Platform, engine_and_cache_from_env, open_platform, throttle_from_env
 from .queries import app_view, document_view
 from .schemas import (
     DraftWorkflow,
@@ -37,7 +48,8 @@ PlatformOpener = Callable[[], AbstractAsyncContextManager[Platform]]
 
 
 def open_from_env() -> AbstractAsyncContextManager[Platform]:
-    return open_platform(*engine_and_cache_from_env())
+    engine, cache = engine_and_cache_from_env()
+    return open_platform(engine, cache, throttle=throttle_from_env(), running=True)
 
 
 def create_web_app(open_platform: PlatformOpener = open_from_env) -> FastAPI:
@@ -45,7 +57,7 @@ def create_web_app(open_platform: PlatformOpener = open_from_env) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(web: FastAPI) -> AsyncIterator[None]:
-        async with open_platform() as platform:
+        async with open_platform() as platform, platform.bus:
             web.state.platform = platform
             yield
 

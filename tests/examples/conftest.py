@@ -6,6 +6,7 @@ under a prefix of their own: other tests share the same database and server.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 import pytest_asyncio
+from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy import select, text
 
@@ -25,6 +27,7 @@ from examples.llm_platform.changes import ChangeRecorder, count_rows
 from examples.llm_platform.db import create_engine
 from examples.llm_platform.models import Row
 from examples.llm_platform.services import Services
+from examples.llm_platform.throttling import PlatformThrottle
 
 R = TypeVar("R", bound=Row)
 
@@ -78,7 +81,10 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     redis_url: str = request.getfixturevalue("redis_url")
     async with _postgres_schema(database_url) as schema, _redis_prefix(redis_url) as prefix:
         cache = RedisCache(redis_url, prefix=prefix)
-        async with _platform(database_url, schema=schema, cache=cache) as harness:
+        throttle = PlatformThrottle.redis(redis_url, prefix=prefix)
+        async with _platform(
+            database_url, schema=schema, cache=cache, throttle=throttle
+        ) as harness:
             yield harness
 
 
@@ -89,12 +95,17 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @asynccontextmanager
 async def _platform(
-    url: str, *, schema: str | None = None, cache: Cache | None = None
+    url: str,
+    *,
+    schema: str | None = None,
+    cache: Cache | None = None,
+    throttle: PlatformThrottle | None = None,
 ) -> AsyncIterator[Harness]:
     engine = create_engine(url, search_path=schema)
     count_rows(engine)
     recorder = ChangeRecorder()
-    async with open_platform(engine, cache or MemoryCache(), hooks=[recorder]) as platform:
+    cache = cache or MemoryCache()
+    async with open_platform(engine, cache, throttle=throttle, hooks=[recorder]) as platform:
         harness = Harness(platform, recorder)
         tenant = (await platform.services.tenants.create_tenant("Acme")).value
         account = await platform.services.tenants.create_account(
@@ -131,3 +142,30 @@ async def _redis_prefix(redis_url: str) -> AsyncIterator[str]:
                 await redis.delete(*keys)
         finally:
             await redis.aclose()
+
+
+@asynccontextmanager
+async def lifespan_in_a_task(web: FastAPI) -> AsyncIterator[None]:
+    """Run ``web``'s lifespan around the block, in a task of its own, as a server does.
+
+    The lifespan runs the bus, whose task group must be left by the task that entered it;
+    pytest-asyncio runs an async fixture's setup and its teardown in different tasks.
+    """
+    started, stop = asyncio.Event(), asyncio.Event()
+
+    async def serve() -> None:
+        async with web.router.lifespan_context(web):
+            started.set()
+            await stop.wait()
+
+    server = asyncio.ensure_future(serve())
+    try:
+        starting = asyncio.ensure_future(started.wait())
+        await asyncio.wait({server, starting}, return_when=asyncio.FIRST_COMPLETED)
+        starting.cancel()
+        if server.done():
+            server.result()  # the startup failed: raise its error
+        yield
+    finally:
+        stop.set()
+        await server

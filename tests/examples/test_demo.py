@@ -26,6 +26,7 @@ EVERY_HANDLER = [
     "update_app_dataset_join_when_app_model_config_updated",
     "update_app_dataset_join_when_app_published_workflow_updated",
     "update_app_triggers_when_app_published_workflow_updated",
+    "update_provider_when_message_created",
 ]
 
 
@@ -33,7 +34,7 @@ def assert_every_handler_ran_green(output: str) -> None:
     summary = output.split("\nhandler ", 1)[1]
     for handler in EVERY_HANDLER:
         assert f"\n{handler} " in summary
-    assert summary.rstrip().endswith("13 events, 17 handler runs, 0 failed")
+    assert summary.rstrip().endswith("13 events, 19 handler runs, 0 failed")
 
 
 async def test_the_demo_runs_green_on_sqlite(
@@ -70,4 +71,4 @@ async def test_the_demo_fails_when_a_handler_fails(
 
     output = capsys.readouterr().out
     assert "FAILED RuntimeError('storage unreachable')" in output
-    assert output.rstrip().endswith("13 events, 18 handler runs, 1 failed")
+    assert output.rstrip().endswith("13 events, 20 handler runs, 1 failed")

@@ -18,6 +18,7 @@ from examples.llm_platform.db import create_engine
 from examples.llm_platform.events import AppWasCreated
 from examples.llm_platform.web import create_web_app
 
+from .conftest import lifespan_in_a_task
 from .graphs import graph, knowledge, model_config, schedule, webhook
 
 pytestmark = pytest.mark.asyncio
@@ -45,11 +46,11 @@ async def client(tmp_path: Path) -> AsyncIterator[Client]:
 
     def opener() -> AbstractAsyncContextManager[Platform]:
         engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'web.sqlite3'}")
-        return open_platform(engine, MemoryCache())
+        return open_platform(engine, MemoryCache(), running=True)  # as the web app runs it
 
     web = create_web_app(opener)
     # httpx's ASGI transport does not run the lifespan: run it around the client ourselves.
-    async with web.router.lifespan_context(web):
+    async with lifespan_in_a_task(web):
         opened.append(web.state.platform)
         transport = httpx.ASGITransport(app=web)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:

@@ -1,7 +1,9 @@
 """The handlers, one module each, named as in the original; wired by `router`.
 
-`router` is the whole table of what handles what. Nothing is subscribed by importing a
-module: the application includes this router into its bus (see ``app.build_bus``).
+`router` is the whole table of what handles what, but for the provider update on
+message-was-created, which comes in two variants: `provider_usage_router` gives the one
+``app.build_bus`` chooses. Nothing is subscribed by importing a module: the application
+includes these routers into its bus.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..events import (
     DatasetWasDeleted,
     DocumentIndexCreated,
     DocumentWasDeleted,
+    MessageWasCreated,
 )
 from .clean_when_dataset_deleted import CleanWhenDatasetDeleted
 from .clean_when_document_deleted import CleanWhenDocumentDeleted
@@ -38,8 +41,15 @@ from .update_app_dataset_join_when_app_published_workflow_updated import (
 from .update_app_triggers_when_app_published_workflow_updated import (
     UpdateAppTriggersWhenAppPublishedWorkflowUpdated,
 )
+from .update_provider_when_message_created import (
+    UpdateProviderWhenMessageCreated,
+    UpdateProviderWhenMessagesCreated,
+)
 
-__all__ = ["router"]
+__all__ = ["provider_usage_router", "router"]
+
+BATCH_SIZE = 100
+BATCH_WAIT = 1.0  # seconds a message's quota may lag behind it in the batch variant
 
 
 def router(deps: Deps) -> Router:
@@ -65,4 +75,20 @@ def router(deps: Deps) -> Router:
     routes.add(DocumentIndexCreated, CreateDocumentIndex(deps))
     routes.add(DocumentWasDeleted, CleanWhenDocumentDeleted(deps))
     routes.add(DatasetWasDeleted, CleanWhenDatasetDeleted(deps))
+    return routes
+
+
+def provider_usage_router(deps: Deps, *, batched: bool) -> Router:
+    """The provider update on message-was-created: per message, or ``batched``.
+
+    Exactly one of the two must be wired, or every message would be charged twice. The batch
+    variant only works on a running bus (``async with bus:``), which collects the batches.
+    """
+    routes = Router()
+    if batched:
+        routes.on_batch(MessageWasCreated, max_size=BATCH_SIZE, max_wait=BATCH_WAIT)(
+            UpdateProviderWhenMessagesCreated(deps)
+        )
+    else:
+        routes.add(MessageWasCreated, UpdateProviderWhenMessageCreated(deps))
     return routes
