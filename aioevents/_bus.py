@@ -273,12 +273,7 @@ class EventBus(HandlerDecorators):
             self._feed_batches(route.batches, event)
 
     def _feed_batches(self, batch_subs: Sequence[Subscription], event: object) -> None:
-        if self._background is None:
-            names = ", ".join(sub.name for sub in batch_subs)
-            raise BusStateError(
-                f"event {event_name(event)} has batch handlers ({names}), which collect events "
-                f"only while the bus runs: emit inside `async with bus:`"
-            )
+        assert self._background is not None  # routes have batches only while it runs
         for sub in batch_subs:
             self._background.feed(sub, event)
 
@@ -291,6 +286,7 @@ class EventBus(HandlerDecorators):
         batch_subs = [sub for sub in self._registry.all() if sub.batch is not None]
         await background.start(batch_subs)
         self._background = background
+        self._registry.set_batching(True)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -317,6 +313,7 @@ class EventBus(HandlerDecorators):
                 drained = await background.drain(drain_timeout)
         finally:
             self._background = None
+            self._registry.set_batching(False)
         # Outside the shield: the task group was entered before it, so it is left after it.
         return await background.close(drain_timeout, drained=drained)
 

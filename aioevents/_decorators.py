@@ -66,8 +66,9 @@ class HandlerDecorators:
         """Decorator: the function receives ``event_type`` events in batches (see `BatchPolicy`).
 
         A batch is delivered when ``max_size`` events wait or the oldest has waited
-        ``max_wait`` seconds, and when the bus stops. Batches are collected only while the
-        bus runs (``async with bus:``), from both ``emit`` and ``publish``.
+        ``max_wait`` seconds, and when the bus stops. Batches are collected while the bus
+        runs (``async with bus:``), from both ``emit`` and ``publish``; on a bus that is not
+        running, ``emit`` hands the handler a batch of one and waits for it.
         """
         check_event_type(event_type)
         batch = BatchPolicy(max_size, max_wait)

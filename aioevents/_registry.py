@@ -84,15 +84,34 @@ class Route:
 
     __slots__ = ("batches", "handlers", "needs_preparation", "ok_result", "subscriptions")
 
-    def __init__(self, subscriptions: tuple[Subscription, ...], *, observed: bool) -> None:
-        self.subscriptions = tuple(sub for sub in subscriptions if sub.batch is None)
-        self.batches = tuple(sub for sub in subscriptions if sub.batch is not None)
+    def __init__(
+        self, subscriptions: tuple[Subscription, ...], *, observed: bool, batching: bool
+    ) -> None:
+        # While the bus runs, batch handlers collect events; otherwise an emit hands each
+        # of them a batch of one and waits for it like for any handler: none is skipped.
+        if batching:
+            self.subscriptions = tuple(sub for sub in subscriptions if sub.batch is None)
+            self.batches = tuple(sub for sub in subscriptions if sub.batch is not None)
+        else:
+            self.subscriptions = tuple(map(_one_event_batch, subscriptions))
+            self.batches = ()
         self.handlers = tuple(sub.name for sub in self.subscriptions)
         # Shared by every emit of this type that has no failure: immutable, so safe to reuse.
         self.ok_result = EmitResult(self.handlers)
         # One flag keeps the hot path to a single check for the rare cases.
         once = any(sub.once for sub in subscriptions)
         self.needs_preparation = observed or once or bool(self.batches)
+
+
+def _one_event_batch(sub: Subscription) -> Subscription:
+    if sub.batch is None:
+        return sub
+    batch_invoke = sub.invoke  # with the batch handler's thread offload, timeout and retry
+
+    async def deliver_one(event: object) -> None:
+        await batch_invoke([event])
+
+    return Subscription(sub.event_type, deliver_one, sub.name, order=sub.order, owner=sub.owner)
 
 
 def handler_name(handler: object) -> str:
@@ -135,6 +154,7 @@ class Registry:
         self._order = itertools.count()
         self._muted: set[Subscription] = set()
         self.observed = False
+        self.batching = False
         # Read directly by the bus's hot path; cleared in place so that reference stays valid.
         self.routes: dict[type, Route] = {}
 
@@ -171,6 +191,10 @@ class Registry:
         self.observed = observed
         self.routes.clear()
 
+    def set_batching(self, batching: bool) -> None:
+        self.batching = batching
+        self.routes.clear()
+
     def all(self) -> tuple[Subscription, ...]:
         """Every subscription, in subscription order."""
         return tuple(sorted(itertools.chain(*self._by_type.values()), key=_order_key))
@@ -182,7 +206,8 @@ class Registry:
 
     def route(self, event_type: type) -> Route:
         subs = tuple(sub for sub in self.matching(event_type) if sub not in self._muted)
-        route = self.routes[event_type] = Route(subs, observed=self.observed)
+        route = Route(subs, observed=self.observed, batching=self.batching)
+        self.routes[event_type] = route
         return route
 
 

@@ -8,10 +8,11 @@ application calls ``bus.include(router)``, and the bus can then list what it has
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._background import BatchPolicy
 from ._decorators import HandlerDecorators
 from ._exceptions import SubscriptionError
 from ._registry import Options, check_subscription
@@ -69,6 +70,23 @@ class Router(HandlerDecorators):
     ) -> None:
         """Record ``handler`` for ``event_type``, checked now as `EventBus.subscribe` would."""
         self._add(event_type, handler, Options(timeout=timeout, once=once, retry=retry, name=name))
+
+    def add_batch(
+        self,
+        event_type: type[E],
+        handler: Callable[[Sequence[E]], object],
+        *,
+        max_size: int = 100,
+        max_wait: float = 1.0,
+        timeout: float | None = None,
+        retry: Retry | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Record a batch handler, as `EventBus.subscribe_batch` would subscribe it."""
+        batch = BatchPolicy(max_size, max_wait)
+        self._add(
+            event_type, handler, Options(timeout=timeout, retry=retry, batch=batch, name=name)
+        )
 
     def _add(
         self, event_type: type[Any], handler: Callable[[Any], object], options: Options

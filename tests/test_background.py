@@ -294,20 +294,20 @@ async def test_a_partial_batch_is_delivered_after_max_wait() -> None:
         assert batches == [[1, 2]]
 
 
-async def test_emit_feeds_batches_while_running_and_is_refused_when_stopped() -> None:
+async def test_emit_feeds_batches_while_running_and_hands_over_one_event_when_stopped() -> None:
     bus, batches = EventBus(), list[list[int]]()
 
-    @bus.on_batch(Job, max_size=3, max_wait=30)
+    @bus.on_batch(Job, max_size=3, max_wait=30, name="bulk")
     async def bulk(jobs: Sequence[Job]) -> None:
         batches.append([job.number for job in jobs])
 
-    with pytest.raises(BusStateError, match=r"has batch handlers .*bulk.* emit inside"):
-        await bus.emit(Job(0))
+    assert (await bus.emit(Job(0))).handlers == ("bulk",)
     async with bus:
         for number in range(1, 8):  # no checkpoint between them: all wait before one flush
             result = await bus.emit(Job(number))
             assert result.handled == 0  # the batch handler runs later, with its batch
-    assert batches == [[1, 2, 3], [4, 5, 6], [7]]
+    assert (await bus.emit(Job(8))).handled == 1
+    assert batches == [[0], [1, 2, 3], [4, 5, 6], [7], [8]]
 
 
 async def test_a_batch_handler_subscribed_while_running_gets_events() -> None:
@@ -336,6 +336,18 @@ async def test_a_failed_batch_is_reported_for_every_event(caplog: pytest.LogCapt
             await bus.publish(Job(number))
     assert [error.event for error in errors] == [Job(0), Job(1), Job(2)]
     assert caplog.text.count("failed on event batch of 3") == 1
+
+
+async def test_a_batch_of_one_that_fails_on_a_stopped_bus_is_in_the_emit_report() -> None:
+    bus = EventBus()
+
+    def bulk(jobs: Sequence[Job]) -> None:  # sync: runs in a worker thread, as always
+        raise ConnectionError(f"{len(jobs)} job(s) lost the database")
+
+    bus.subscribe_batch(Job, bulk, max_size=10)
+    [error] = (await bus.emit(Job(1))).errors
+    assert str(error.exception) == "1 job(s) lost the database"
+    assert error.handler_name.endswith("bulk")
 
 
 def test_batch_settings_are_checked() -> None:

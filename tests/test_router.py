@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from aioevents import EventBus, Router, SubscriptionError
@@ -42,6 +44,22 @@ async def test_included_handlers_receive_events() -> None:
     bus.include(router)
     await bus.emit(AppWasCreated())
     assert seen == [AppWasCreated()]
+
+
+async def test_a_router_records_batch_handlers() -> None:
+    router, batches = Router(), list[list[AppWasCreated]]()
+
+    async def bulk(events: Sequence[AppWasCreated]) -> None:
+        batches.append(list(events))
+
+    router.add_batch(AppWasCreated, bulk, max_size=2, max_wait=5)
+    bus = EventBus()
+    [sub] = bus.include(router)
+    assert sub.batch is not None and sub.batch.max_size == 2
+    async with bus:
+        await bus.emit(AppWasCreated(app_id="a"))
+        await bus.emit(AppWasCreated(app_id="b"))
+    assert batches == [[AppWasCreated(app_id="a"), AppWasCreated(app_id="b")]]
 
 
 def test_routers_compose_in_order() -> None:
