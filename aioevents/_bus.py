@@ -2,10 +2,10 @@
 
 The hot path is `EventBus.emit`, top to bottom in this file: look up the cached route for the
 event's type; no handler returns the shared empty report; one handler runs inline in the
-emitter's task (in a copy of its context, as a task would); several run concurrently, in an
-asyncio.TaskGroup when on asyncio (the stdlib's is the fastest structured group there) and in
-an anyio task group elsewhere (trio). Both give the same contract: started in subscription
-order, each isolated, all finished or cancelled before emit returns.
+emitter's task (in a copy of its context, as a task would); several run concurrently, as
+asyncio tasks counted down by `_run_on_asyncio` when on asyncio, and in an anyio task group
+elsewhere (trio). Both give the same contract: started in subscription order, each isolated,
+all finished or cancelled before emit returns.
 """
 
 from __future__ import annotations
@@ -22,7 +22,16 @@ import anyio.abc
 from ._background import Background, BatchPolicy, DrainReport
 from ._checks import check_event_type, check_positive_int, check_seconds
 from ._decorators import HandlerDecorators
-from ._dispatch import Guarded, Hook, in_context, observed_runner, record_failure, run_guarded
+from ._dispatch import (
+    FINISHED,
+    Guarded,
+    Hook,
+    first_step,
+    observed_runner,
+    record_failure,
+    resume_in_context,
+    run_guarded,
+)
 from ._exceptions import BusStateError, SubscriptionError
 from ._names import event_name
 from ._registry import (
@@ -230,18 +239,20 @@ class EventBus(HandlerDecorators):
         if not subs:
             return route.ok_result
         errors: list[HandlerError] = []
-        if len(subs) == 1 and self._guarded is run_guarded:
-            # Inline, without even the guard's coroutine: one handler is the common case.
+        if len(subs) == 1:
+            # Inline in the emitter's task, in a copy of its context as a task would have.
+            sub, context = subs[0], copy_context()
+            plain = self._guarded is run_guarded  # then not even the guard's coroutine
             try:
-                await in_context(copy_context(), subs[0].invoke(event))
+                call = sub.invoke(event) if plain else self._guarded(sub, event, errors)
+                step = call.__await__()
+                yielded = first_step(context, step)
+                if yielded is not FINISHED:
+                    await resume_in_context(context, step, yielded)
             except Exception as exc:
-                record_failure(subs[0], event, exc, errors)
-        elif len(subs) == 1:
-            await in_context(copy_context(), self._guarded(subs[0], event, errors))
-        elif _get_running_loop() is not None:
-            async with asyncio.TaskGroup() as tasks:
-                for sub in subs:
-                    tasks.create_task(self._guarded(sub, event, errors))
+                record_failure(sub, event, exc, errors)
+        elif (loop := _get_running_loop()) is not None:
+            await _run_on_asyncio(loop, self._guarded, subs, event, errors)
         else:
             # trio schedules new tasks in no fixed order: each handler is started, and has
             # run to its first checkpoint, before the next one is spawned.
@@ -363,6 +374,76 @@ class EventBus(HandlerDecorators):
             if sub not in self._registry:
                 raise SubscriptionError(f"{sub.name} is not subscribed on this bus")
         self._registry.set_muted(subs, muted)
+
+
+async def _run_on_asyncio(
+    loop: asyncio.AbstractEventLoop,
+    guarded: Guarded,
+    subs: Sequence[Subscription],
+    event: object,
+    errors: list[HandlerError],
+) -> None:
+    """Run handlers as asyncio tasks and wait for all: a task group cut to what emit needs.
+
+    Each task counts itself down as it ends and the last one wakes the emitter: one future
+    instead of asyncio.TaskGroup's done-callback per task, about a third less time per
+    handler. What a structured group guarantees still holds: when the emitter is cancelled,
+    or a handler raises a BaseException, the others are cancelled and waited for, and the
+    BaseException is raised here.
+    """
+    group = _Countdown(loop, len(subs), errors)
+    tasks = [loop.create_task(_counted(guarded, sub, event, group)) for sub in subs]
+    try:
+        await group.done
+    finally:
+        if group.remaining:  # the emitter was cancelled, or a handler raised a BaseException
+            await _cancel_and_wait(tasks)
+    if len(group.failures) == 1:
+        raise group.failures[0]
+    if group.failures:
+        raise BaseExceptionGroup("handlers raised", group.failures)
+
+
+class _Countdown:
+    __slots__ = ("done", "errors", "failures", "remaining")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, count: int, errors: list[HandlerError]
+    ) -> None:
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.errors = errors
+        self.failures: list[BaseException] = []
+        self.remaining = count
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def _counted(guarded: Guarded, sub: Subscription, event: object, group: _Countdown) -> None:
+    # A task cancelled before its first step never runs this; only the emitter holds these
+    # tasks, and it cancels them only after it has stopped counting (in _cancel_and_wait).
+    try:
+        await guarded(sub, event, group.errors)  # records the handler's Exception
+    except asyncio.CancelledError:
+        pass  # cancelled by the emitter, as a TaskGroup ignores a cancelled child
+    except BaseException as exc:  # KeyboardInterrupt and the like: the emitter raises them
+        group.failures.append(exc)
+        group.finish()
+    finally:
+        group.remaining -= 1
+        if not group.remaining:
+            group.finish()
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    while not all(task.done() for task in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:  # anyio repeats a scope's cancellation: keep waiting
+            continue
 
 
 async def _started(

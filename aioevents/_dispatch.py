@@ -25,12 +25,14 @@ if TYPE_CHECKING:
     from ._registry import Subscription
 
 __all__ = [
+    "FINISHED",
     "Guarded",
     "Hook",
     "Invoke",
-    "in_context",
+    "first_step",
     "make_invoke",
     "observed_runner",
+    "resume_in_context",
     "run_guarded",
 ]
 
@@ -116,7 +118,8 @@ def record_failure(
     errors.append(
         HandlerError(sub.name, exc, event=event, subscription=sub, attempts=attempts_of(exc))
     )
-    log_failure(sub, event_name(event), exc)
+    if logger.isEnabledFor(logging.ERROR):  # naming the event costs: only when it is logged
+        log_failure(sub, event_name(event), exc)
 
 
 def log_failure(sub: Subscription, what: str, exc: Exception) -> None:
@@ -182,25 +185,35 @@ def _call_hook(method: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         return None
 
 
+FINISHED = object()  # what the first step of a handler returns when it ran to its end
+
+
+def first_step(context: Context, step: Generator[Any, Any, Any]) -> Any:
+    """Run a handler up to its first suspension, in ``context``; `FINISHED` if it ended.
+
+    ``next`` with a default ends a handler that never suspends without a StopIteration
+    being raised and caught in Python: the common no-wait handler costs a plain call.
+    """
+    return context.run(next, step, FINISHED)
+
+
 @types.coroutine
-def in_context(context: Context, coro: Coroutine[Any, Any, T]) -> Generator[Any, Any, T]:
-    """Await ``coro`` inside ``context``, in the current task.
+def resume_in_context(context: Context, step: Generator[Any, Any, Any], yielded: Any) -> Any:
+    """Await the rest of ``step``, which suspended on ``yielded``, inside ``context``.
 
     This is what a task does for its coroutine, without the cost of a task: a handler run
-    inline sees the emitter's context variables, and what it sets stays in its copy, as it
-    would in a task of its own.
+    inline sees the emitter's context variables, and what it sets stays in its own copy, as
+    it would in a task of its own.
     """
-    value: Any = None
-    error: BaseException | None = None
     while True:
-        try:
-            if error is None:
-                yielded = context.run(coro.send, value)
-            else:
-                yielded = context.run(coro.throw, error)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
         try:
             value, error = (yield yielded), None
         except BaseException as exc:  # cancellation and the like go on into the handler
             value, error = None, exc
+        try:
+            if error is None:
+                yielded = context.run(step.send, value)
+            else:
+                yielded = context.run(step.throw, error)
+        except StopIteration:
+            return

@@ -159,6 +159,21 @@ async def test_a_failure_is_logged_with_handler_and_event_name(
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
 
 
+async def test_a_failure_is_recorded_when_the_logger_is_off() -> None:
+    bus, logger = EventBus(), logging.getLogger("aioevents")
+
+    @bus.on(AppWasCreated)
+    async def failing(event: AppWasCreated) -> None:
+        raise RuntimeError("quiet")
+
+    logger.disabled = True
+    try:
+        [error] = (await bus.emit(AppWasCreated())).errors
+    finally:
+        logger.disabled = False
+    assert str(error.exception) == "quiet"
+
+
 async def test_strict_raises_an_exception_group_after_every_handler_finished() -> None:
     bus, finished = EventBus(), []
 
