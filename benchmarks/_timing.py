@@ -1,0 +1,195 @@
+"""Interleaved timing of async emit loops, and the tables and goals printed from it.
+
+A case is ``run(n)``: a coroutine function that awaits ``n`` emits in a tight loop. Every
+case of a table cell runs with the same n, sized so that one repetition of them all takes
+about ``Settings.target`` seconds. One repetition runs every case once, in an order rotated
+by one per repetition, so that a slow spell of this shared machine hits every case alike; a
+cell is the median over the repetitions. Ratios are taken within each repetition (the two
+runs were close in time), and their median is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import statistics
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any, TypeVar
+
+__all__ = [
+    "Case",
+    "Goal",
+    "Run",
+    "Sample",
+    "Settings",
+    "add_loop",
+    "close_loops",
+    "measure",
+    "print_table",
+    "run_on",
+]
+
+Run = Callable[[int], Awaitable[None]]
+T = TypeVar("T")
+# One runner (one event loop) per kind, kept open for the whole run: a loop is made once.
+_runners: dict[str, asyncio.Runner] = {}
+_loop_factories: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {"asyncio": None}
+
+
+@dataclass(frozen=True)
+class Settings:
+    repetitions: int
+    target: float  # seconds one repetition of a cell (every case once) should take
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    run: Run
+    loop: str = "asyncio"
+
+
+@dataclass
+class Sample:
+    """Seconds per emit, one value per repetition."""
+
+    name: str
+    per_op: list[float] = field(default_factory=list)
+
+    @property
+    def median_us(self) -> float:
+        return statistics.median(self.per_op) * 1e6
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range over the median: how steady this cell was."""
+        q1, _, q3 = statistics.quantiles(self.per_op, n=4, method="inclusive")
+        return (q3 - q1) / statistics.median(self.per_op)
+
+    def ratios_to(self, other: Sample) -> list[float]:
+        """This time divided by ``other``'s in the same repetition, one per repetition."""
+        return [a / b for a, b in zip(self.per_op, other.per_op, strict=True)]
+
+    def ratio_to(self, other: Sample) -> float:
+        return statistics.median(self.ratios_to(other))
+
+
+@dataclass(frozen=True)
+class Goal:
+    """``value`` must stay under ``limit``; judged on the median, its middle half shown."""
+
+    text: str
+    values: Sequence[float]  # one per repetition
+    limit: float
+
+    @classmethod
+    def ratio(cls, text: str, sample: Sample, other: Sample, limit: float) -> Goal:
+        return cls(text, sample.ratios_to(other), limit)
+
+    @classmethod
+    def cost(cls, text: str, sample: Sample, other: Sample, limit_percent: float) -> Goal:
+        """How much slower ``sample`` is than ``other``, in percent."""
+        return cls(text, [(r - 1) * 100 for r in sample.ratios_to(other)], limit_percent)
+
+    @property
+    def met(self) -> bool:
+        return statistics.median(self.values) < self.limit
+
+    def __str__(self) -> str:
+        q1, median, q3 = statistics.quantiles(self.values, n=4, method="inclusive")
+        verdict = "met" if self.met else "MISSED"
+        if q1 < self.limit <= q3:
+            verdict += " (borderline: the limit is inside the middle half)"
+        return (
+            f"goal: {self.text} < {self.limit:.3g}: {median:.2f} "
+            f"(middle half {q1:.2f} to {q3:.2f}) ... {verdict}"
+        )
+
+
+def add_loop(name: str, factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    _loop_factories[name] = factory
+
+
+def close_loops() -> None:
+    for runner in _runners.values():
+        runner.close()
+    _runners.clear()
+
+
+def measure(cases: Sequence[Case], settings: Settings) -> dict[str, Sample]:
+    """Time every case with the same n, interleaved; the first case is the reference."""
+    gc.collect()
+    gc.freeze()  # what exists now is never garbage: the collection before each run stays short
+    try:
+        n = _repetition_size(cases, settings.target)
+        samples = {case.name: Sample(case.name) for case in cases}
+        for repetition in range(settings.repetitions):
+            shift = repetition % len(cases)
+            for case in [*cases[shift:], *cases[:shift]]:
+                samples[case.name].per_op.append(_time(case, n) / n)
+    finally:
+        gc.unfreeze()
+    return samples
+
+
+def _repetition_size(cases: Sequence[Case], target: float) -> int:
+    """The n for which one repetition of every case takes about ``target`` seconds.
+
+    Sized on the sum rather than on one case: a fast case then runs short, a slow one long,
+    and the whole run stays within its budget. Short repetitions keep the runs compared in
+    one close in time: this machine has fast and slow spells (the other core's load), and a
+    ratio is only fair between runs of the same spell.
+    """
+    per_op = 0.0
+    for case in cases:  # also the warm-up: caches, the loop's first tasks, lazy imports
+        n = 1
+        while (elapsed := _time(case, n)) < target / 50:
+            n *= 4
+        per_op += elapsed / n
+    return max(3, round(target / per_op))
+
+
+def run_on(loop: str, coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the event loop of that kind that every case of that kind runs on."""
+    runner = _runners.get(loop)
+    if runner is None:
+        runner = _runners[loop] = asyncio.Runner(loop_factory=_loop_factories[loop])
+    return runner.run(coro)
+
+
+def _time(case: Case, n: int) -> float:
+    gc.collect()  # start every run with the same clean heap
+    return run_on(case.loop, _timed(case.run, n))
+
+
+async def _timed(run: Run, n: int) -> float:
+    # Untimed first: the case before this one (anyio, say) left the CPU caches full of its own
+    # code, and a fast case's run is short enough for that to show.
+    await run(max(1, n // 5))
+    started = perf_counter()
+    await run(n)
+    return perf_counter() - started
+
+
+def print_table(title: str, columns: dict[str, dict[str, Sample]]) -> None:
+    """One row per case, one column per cell: median µs per emit, and time ÷ the first row's."""
+    rows = list(dict.fromkeys(name for cell in columns.values() for name in cell))
+    reference = rows[0]
+    width = max(len(name) for name in rows) + 2
+    print(f"\n== {title} ==")
+    print("   cells: median µs per emit, then this row's time ÷ the first row's (>1: slower);")
+    print("   spread: the widest interquartile range of the row's cells, over its median")
+    print(" " * width + "".join(f"{column:>19}" for column in columns) + "   spread")
+    for name in rows:
+        line, spreads = name.ljust(width), []
+        for cell in columns.values():
+            sample = cell.get(name)
+            if sample is None:
+                line += f"{'-':>19}"
+                continue
+            ratio = sample.ratio_to(cell[reference])
+            line += f"{sample.median_us:>11.2f} {ratio:>6.2f}x"
+            spreads.append(sample.spread)
+        print(f"{line}   {max(spreads):>5.1%}")

@@ -1,0 +1,152 @@
+"""Cost of delivery after commit, per committed transaction with one recorded event.
+
+Compares, against the PostgreSQL at ``AIOEVENTS_TEST_DATABASE_URL``:
+
+- baseline: one INSERT in ``async with session.begin():``, then ``await bus.emit(event)``;
+- after commit: the same INSERT, ``events.record(session, event)`` inside the block, and the
+  delivery that `aioevents.sqlalchemy.TransactionalEvents` does after the COMMIT.
+
+Both run the same one-handler bus. The variants alternate within every repetition (their
+order flips each time), so drift in the server or the machine hits both alike; the table
+shows the median per-transaction time over the repetitions and its ratio to the baseline.
+The goal is a ratio within 1.10.
+
+Run alone with ``python -m benchmarks.bench_after_commit [--quick]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+from uuid import uuid4
+
+from sqlalchemy import Column, Integer, MetaData, String, Table, insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from aioevents import EventBus
+from aioevents.sqlalchemy import TransactionalEvents
+
+DATABASE_URL = os.environ.get(
+    "AIOEVENTS_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+GOAL = 1.10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ItemAdded:
+    item_id: int
+
+
+Variant = Callable[[int], Awaitable[None]]
+
+
+def _reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), 2).close()
+    except OSError:
+        return False
+    return True
+
+
+async def _time_per_transaction(variant: Variant, transactions: int) -> float:
+    started = time.perf_counter()
+    for n in range(transactions):
+        await variant(n)
+    return (time.perf_counter() - started) / transactions
+
+
+async def _run(repetitions: int, transactions: int, durable: bool) -> dict[str, list[float]]:
+    # Without durable commits the server skips the WAL flush at COMMIT: a far smaller
+    # denominator, so the library's own cost shows more clearly in the ratio.
+    settings = {} if durable else {"server_settings": {"synchronous_commit": "off"}}
+    engine = create_async_engine(DATABASE_URL, connect_args=settings)
+    factory = async_sessionmaker(engine, expire_on_commit=False)
+    items = Table(
+        f"aioevents_bench_items_{uuid4().hex[:12]}",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("name", String, nullable=False),
+    )
+    bus = EventBus()
+    events = TransactionalEvents(bus)
+    delivered = 0
+
+    @bus.on(ItemAdded)
+    async def count(event: ItemAdded) -> None:
+        nonlocal delivered
+        delivered += 1
+
+    async def plain(n: int) -> None:
+        session: AsyncSession
+        async with factory() as session:
+            async with session.begin():
+                await session.execute(insert(items).values(name="x"))
+            await bus.emit(ItemAdded(item_id=n))
+
+    async def after_commit(n: int) -> None:
+        async with factory() as session, session.begin():
+            await session.execute(insert(items).values(name="x"))
+            events.record(session, ItemAdded(item_id=n))
+
+    variants: dict[str, Variant] = {
+        "plain commit, then emit": plain,
+        "record, delivered after commit": after_commit,
+    }
+    timings: dict[str, list[float]] = {name: [] for name in variants}
+    async with engine.begin() as conn:
+        await conn.run_sync(items.metadata.create_all)
+    try:
+        for variant in variants.values():  # warm up the pool, caches and statements
+            await _time_per_transaction(variant, max(10, transactions // 10))
+        for repetition in range(repetitions):
+            order = list(variants.items())
+            if repetition % 2:
+                order.reverse()
+            for name, variant in order:
+                timings[name].append(await _time_per_transaction(variant, transactions))
+    finally:
+        async with engine.begin() as conn:
+            await conn.run_sync(items.metadata.drop_all)
+        await engine.dispose()
+    expected = sum(len(runs) for runs in timings.values()) * transactions
+    assert delivered >= expected, f"only {delivered} of {expected} events were delivered"
+    return timings
+
+
+def main(quick: bool = False) -> None:
+    """Print the per-transaction cost of after-commit delivery against commit-then-emit."""
+    if not _reachable(DATABASE_URL):
+        print(f"bench_after_commit: PostgreSQL is not reachable at {DATABASE_URL}; skipped")
+        return
+    repetitions, transactions = (5, 100) if quick else (15, 300)
+    print(
+        f"after-commit delivery, PostgreSQL, 1 event per transaction "
+        f"({repetitions} interleaved repetitions x {transactions} transactions, medians)"
+    )
+    for durable in (True, False):
+        timings = asyncio.run(_run(repetitions, transactions, durable))
+        commit = "synchronous_commit=on" if durable else "synchronous_commit=off"
+        _print_table(commit, {name: statistics.median(runs) for name, runs in timings.items()})
+
+
+def _print_table(title: str, medians: dict[str, float]) -> None:
+    baseline = next(iter(medians.values()))
+    print(f"\n{title:<34}{'per transaction':>18}{'overhead':>13}{'ratio':>9}")
+    for name, median in medians.items():
+        overhead = (median - baseline) * 1e6
+        print(f"{name:<34}{median * 1e6:>15.1f} us{overhead:>+10.1f} us{median / baseline:>8.3f}x")
+    ratio = medians["record, delivered after commit"] / baseline
+    verdict = "within" if ratio <= GOAL else "OVER"
+    print(f"goal: within {GOAL:.2f}x of the baseline: {verdict} ({ratio:.3f}x)")
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv[1:])
