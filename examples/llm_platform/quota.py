@@ -1,8 +1,9 @@
-"""What a message costs against a hosted provider's quota.
+"""What a message costs against a hosted provider's quota, and the trial a tenant starts with.
 
 The hosting configuration, as in the original: each quota type counts its own unit, and
 credits are priced per model. A provider row's ``quota_type`` picks the unit; its
-``quota_limit`` of -1 means unlimited, which is never charged.
+``quota_limit`` of -1 means unlimited, which is never charged. A new tenant gets a system
+provider row with a trial quota for each hosted provider (`TRIAL_QUOTAS`).
 """
 
 from __future__ import annotations
@@ -62,3 +63,8 @@ class QuotaPolicy:
 
 
 HOSTED: Final = QuotaPolicy()
+
+
+TRIAL_QUOTAS: Final[Mapping[str, int]] = {"anthropic": 200, "openai": 200}
+"""The hosted providers a new tenant may try, and how many messages (the ``trial`` quota
+type counts `QuotaUnit.TIMES`) each trial allows."""

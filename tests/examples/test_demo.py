@@ -35,6 +35,16 @@ def assert_every_handler_ran_green(output: str) -> None:
     for handler in EVERY_HANDLER:
         assert f"\n{handler} " in summary
     assert summary.rstrip().endswith("13 events, 19 handler runs, 0 failed")
+    # The tenant starts with a trial quota of the hosted openai, which the chat app uses: each
+    # of the two messages adds a ledger row and charges the provider row.
+    runs, failed, created, updated, *_ = totals(summary, "update_provider_when_message_created")
+    assert (runs, failed, created, updated) == (2, 0, 2, 2)
+
+
+def totals(summary: str, handler: str) -> list[int]:
+    """A handler's row of the summary: runs, failed, created, updated, deleted, cache del."""
+    [row] = [line for line in summary.splitlines() if line.startswith(f"{handler} ")]
+    return [int(cell) for cell in row.split()[1:7]]
 
 
 async def test_the_demo_runs_green_on_sqlite(

@@ -39,7 +39,7 @@ from examples.llm_platform.handlers.update_provider_when_message_created import 
     UpdateProviderWhenMessagesCreated,
 )
 from examples.llm_platform.models import Message, Provider, ProviderUsage
-from examples.llm_platform.quota import MODEL_CREDITS
+from examples.llm_platform.quota import MODEL_CREDITS, TRIAL_QUOTAS
 from examples.llm_platform.throttling import PlatformThrottle
 from examples.llm_platform.web import create_web_app
 
@@ -370,6 +370,27 @@ async def test_an_exhausted_quota_logs_a_warning_and_does_not_fail(
     assert "quota of provider openai of tenant tenant-1 is exhausted" in warning.getMessage()
 
 
+@pytest.mark.timeout(120)
+async def test_a_quota_used_up_by_concurrent_messages_charges_only_the_first(
+    bed: Bed, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every message costs more than the 2 tokens left: the first charged uses the quota up.
+    # On PostgreSQL, the others read the quota before that commits, so it is the UPDATE's
+    # guard that refuses them, and their ledger rows are marked afterwards.
+    await bed.add_provider(quota_limit=10, quota_used=8)
+    sent = messages("used-up", 0, 16)
+
+    assert_all_ok(await emit_concurrently(bed.bus(), sent, tasks=8))
+
+    ledger = await bed.ledger()
+    [charged] = [entry for entry in ledger if entry.charged]
+    assert len(ledger) == 16
+    assert (await bed.provider()).quota_used == 8 + charged.units
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 15
+    assert all("is exhausted" in warning.getMessage() for warning in warnings)
+
+
 async def test_a_message_for_an_unknown_provider_changes_nothing(bed: Bed) -> None:
     bus = bed.bus()
 
@@ -477,10 +498,8 @@ async def test_the_web_app_charges_messages_in_the_background_in_batches(tmp_pat
         assert isinstance(sub.handler, UpdateProviderWhenMessagesCreated)
         transport = httpx.ASGITransport(app=web)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            tenant_id, account_id, app_id = await chat_app(http)
-            async with platform.sessions.begin() as session:
-                session.add(Provider(tenant_id=tenant_id, provider_name="openai",
-                                     quota_type="free", quota_limit=10**6))  # fmt: skip
+            # The tenant comes with a trial quota of the hosted openai, which the app uses.
+            _, account_id, app_id = await chat_app(http)
             for query in ("Hi", "How are you?", "Bye now"):
                 body = {"account_id": account_id, "query": query}
                 response = await http.post(f"/apps/{app_id}/messages", json=body)
@@ -490,12 +509,12 @@ async def test_the_web_app_charges_messages_in_the_background_in_batches(tmp_pat
 
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'web.sqlite3'}")
     async with session_factory(engine)() as session:
-        sent = (
-            await session.execute(select(func.sum(Message.message_tokens + Message.answer_tokens)))
-        ).scalar_one()
-        provider = (await session.scalars(select(Provider))).one()
+        sent = (await session.execute(select(func.count(Message.id)))).scalar_one()
+        openai = select(Provider).filter_by(provider_name="openai")
+        provider = (await session.scalars(openai)).one()
     await engine.dispose()
-    assert (provider.quota_used, provider.last_used is not None) == (sent, True)
+    assert (provider.quota_type, provider.quota_limit) == ("trial", TRIAL_QUOTAS["openai"])
+    assert (provider.quota_used, provider.last_used is not None) == (sent, True)  # one a message
 
 
 async def chat_app(http: httpx.AsyncClient) -> tuple[str, str, str]:

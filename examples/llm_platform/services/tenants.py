@@ -1,11 +1,12 @@
-"""Tenants (workspaces) and their accounts."""
+"""Tenants (workspaces), their accounts, and the hosted providers a tenant starts with."""
 
 from __future__ import annotations
 
 from sqlalchemy.exc import IntegrityError
 
 from ..events import TenantWasCreated, TenantWasUpdated
-from ..models import Account, Tenant
+from ..models import Account, Provider, Tenant
+from ..quota import TRIAL_QUOTAS
 from ..uow import Done
 from ._base import Service, get_or_404
 from .errors import Conflict
@@ -13,10 +14,17 @@ from .errors import Conflict
 
 class TenantService(Service):
     async def create_tenant(self, name: str) -> Done[Tenant]:
+        """The tenant, with a system provider on a trial quota for each hosted provider, as
+        the original set up a tenant's hosted providers: messages charge their quota."""
         async with self.unit_of_work() as uow:
             tenant = Tenant(name=name)
             uow.session.add(tenant)
             await uow.session.flush()
+            uow.session.add_all(
+                Provider(tenant_id=tenant.id, provider_name=provider_name, provider_type="system",
+                         quota_type="trial", quota_limit=limit)
+                for provider_name, limit in sorted(TRIAL_QUOTAS.items())
+            )  # fmt: skip
             uow.record(TenantWasCreated(tenant_id=tenant.id, name=name))
         return uow.done(tenant)
 
