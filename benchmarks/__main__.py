@@ -6,20 +6,51 @@ import argparse
 import os
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from time import perf_counter
 
-from . import bench_emit, bench_isolation
-from ._timing import Goal, Settings, close_loops
+from . import bench_background, bench_emit, bench_isolation
+from ._timing import Settings, Verdict, close_loops
 
-SCENARIOS: dict[str, Callable[[Settings], list[Goal]]] = {
+# The database scenarios are imported when they run: they need the example app's
+# dependencies (SQLAlchemy, asyncpg, redis), which the in-process scenarios do not.
+
+
+def _realistic(settings: Settings) -> Sequence[Verdict]:
+    from . import bench_realistic
+
+    return bench_realistic.main(settings)
+
+
+def _after_commit(settings: Settings) -> Sequence[Verdict]:
+    from . import bench_after_commit
+
+    return bench_after_commit.main(quick=settings.quick)
+
+
+def _provider_usage(settings: Settings) -> Sequence[Verdict]:
+    from . import bench_provider_usage
+
+    return bench_provider_usage.main(quick=settings.quick)
+
+
+# The last four need PostgreSQL (and provider-usage Redis); each says so and is skipped
+# when it cannot reach them.
+SCENARIOS: dict[str, Callable[[Settings], Sequence[Verdict]]] = {
     "emit": bench_emit.main,
     "isolation": bench_isolation.main,
+    "background": bench_background.main,
+    "realistic": _realistic,
+    "after-commit": _after_commit,
+    "provider-usage": _provider_usage,
 }
-PACKAGES = ("aioevents", "anyio", "aiosignal", "blinker", "pyee", "bubus", "uvloop")
+PACKAGES = (
+    "aioevents", "anyio", "aiosignal", "blinker", "pyee", "bubus", "uvloop",
+    "sqlalchemy", "asyncpg", "redis",
+)  # fmt: skip
 FULL = Settings(repetitions=101, target=0.04)
-QUICK = Settings(repetitions=3, target=0.01)
+QUICK = Settings(repetitions=3, target=0.01, quick=True)
 
 
 def main() -> None:
@@ -40,10 +71,12 @@ def main() -> None:
         )
     settings = QUICK if args.quick else FULL
     print_environment(settings)
-    started, goals = perf_counter(), list[Goal]()
+    started, goals = perf_counter(), list[Verdict]()
     try:
         for name in args.scenarios or SCENARIOS:
+            scenario_started = perf_counter()
             goals += SCENARIOS[name](settings)
+            print(f"\n({name}: {perf_counter() - scenario_started:.0f} s)")
     finally:
         close_loops()
     print(f"\n== goals: {sum(goal.met for goal in goals)} of {len(goals)} met ==")

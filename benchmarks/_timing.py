@@ -1,6 +1,7 @@
 """Interleaved timing of async emit loops, and the tables and goals printed from it.
 
-A case is ``run(n)``: a coroutine function that awaits ``n`` emits in a tight loop. Every
+A case is ``run(n)``: a coroutine function that awaits ``n`` emits in a tight loop (or, if it
+returns the seconds it timed itself, does ``n`` operations of which it times a part). Every
 case of a table cell runs with the same n, sized so that one repetition of them all takes
 about ``Settings.target`` seconds. One repetition runs every case once, in an order rotated
 by one per repetition, so that a slow spell of this shared machine hits every case alike; a
@@ -20,10 +21,12 @@ from typing import Any, TypeVar
 
 __all__ = [
     "Case",
+    "Check",
     "Goal",
     "Run",
     "Sample",
     "Settings",
+    "Verdict",
     "add_loop",
     "close_loops",
     "measure",
@@ -31,7 +34,7 @@ __all__ = [
     "run_on",
 ]
 
-Run = Callable[[int], Awaitable[None]]
+Run = Callable[[int], Awaitable[float | None]]  # a float: the seconds it timed itself
 T = TypeVar("T")
 # One runner (one event loop) per kind, kept open for the whole run: a loop is made once.
 _runners: dict[str, asyncio.Runner] = {}
@@ -42,6 +45,7 @@ _loop_factories: dict[str, Callable[[], asyncio.AbstractEventLoop] | None] = {"a
 class Settings:
     repetitions: int
     target: float  # seconds one repetition of a cell (every case once) should take
+    quick: bool = False  # a smoke run: the scenarios with sizes of their own run small too
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class Sample:
 
     name: str
     per_op: list[float] = field(default_factory=list)
+    n: int = 0  # operations per timed run
 
     @property
     def median_us(self) -> float:
@@ -108,6 +113,20 @@ class Goal:
         )
 
 
+@dataclass(frozen=True)
+class Check:
+    """A goal judged on a count rather than on timings: it is met or it is not."""
+
+    text: str
+    met: bool
+
+    def __str__(self) -> str:
+        return f"goal: {self.text} ... {'met' if self.met else 'MISSED'}"
+
+
+Verdict = Goal | Check
+
+
 def add_loop(name: str, factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
     _loop_factories[name] = factory
 
@@ -124,7 +143,7 @@ def measure(cases: Sequence[Case], settings: Settings) -> dict[str, Sample]:
     gc.freeze()  # what exists now is never garbage: the collection before each run stays short
     try:
         n = _repetition_size(cases, settings.target)
-        samples = {case.name: Sample(case.name) for case in cases}
+        samples = {case.name: Sample(case.name, n=n) for case in cases}
         for repetition in range(settings.repetitions):
             shift = repetition % len(cases)
             for case in [*cases[shift:], *cases[:shift]]:
@@ -169,8 +188,8 @@ async def _timed(run: Run, n: int) -> float:
     # code, and a fast case's run is short enough for that to show.
     await run(max(1, n // 5))
     started = perf_counter()
-    await run(n)
-    return perf_counter() - started
+    timed = await run(n)
+    return perf_counter() - started if timed is None else timed
 
 
 def print_table(title: str, columns: dict[str, dict[str, Sample]]) -> None:

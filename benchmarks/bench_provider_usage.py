@@ -17,7 +17,8 @@ all hosted. "beyond 1/window" counts the ``last_used`` writes past the first per
 (one window per provider here). The goals: (c) writes ``last_used`` exactly once per window
 per provider, and makes at most half of (a)'s UPDATE statements.
 
-Run alone with ``python -m benchmarks.bench_provider_usage [--quick]``; it needs the
+Run alone with ``python -m benchmarks.bench_provider_usage [--quick]``, or as the
+``provider-usage`` scenario of ``python -m benchmarks``; it needs the
 PostgreSQL at ``AIOEVENTS_TEST_DATABASE_URL`` and the Redis at ``AIOEVENTS_TEST_REDIS_URL``.
 """
 
@@ -51,6 +52,8 @@ from examples.llm_platform.handlers.update_provider_when_message_created import 
 )
 from examples.llm_platform.models import Provider, ProviderUsage
 from examples.llm_platform.throttling import PlatformThrottle
+
+from ._timing import Check
 
 DATABASE_URL = os.environ.get(
     "AIOEVENTS_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -261,15 +264,19 @@ def print_table(title: str, outcomes: Sequence[Outcome]) -> None:
         )
 
 
-def goals(outcomes: Sequence[Outcome]) -> list[str]:
+def goals(mix: str, outcomes: Sequence[Outcome]) -> list[Check]:
     naive, ours = outcomes[0].counts, outcomes[2].counts
-    once = ours.last_used == PROVIDERS
-    half = ours.updates <= naive.updates / 2
     return [
-        f"{'met' if once else 'MISSED'}: (c) writes last_used once per window per provider "
-        f"({ours.last_used} writes, {PROVIDERS} providers)",
-        f"{'met' if half else 'MISSED'}: (c) makes at most half of (a)'s UPDATEs "
-        f"({ours.updates:,} of {naive.updates:,})",
+        Check(
+            f"provider usage, {mix}: (c) writes last_used once per window per provider "
+            f"({ours.last_used} writes, {PROVIDERS} providers)",
+            ours.last_used == PROVIDERS,
+        ),
+        Check(
+            f"provider usage, {mix}: (c) makes at most half of (a)'s UPDATEs "
+            f"({ours.updates:,} of {naive.updates:,})",
+            ours.updates <= naive.updates / 2,
+        ),
     ]
 
 
@@ -286,7 +293,7 @@ def _reachable(url: str, default_port: int) -> bool:
     return True
 
 
-async def _run(count: int) -> list[str]:
+async def _run(count: int) -> list[Check]:
     schema = f"bench_usage_{uuid.uuid4().hex[:12]}"
     prefix = f"{schema}:"
     admin = create_engine(DATABASE_URL)
@@ -299,7 +306,7 @@ async def _run(count: int) -> list[str]:
         bed = Bed(engine, session_factory(engine), redis, prefix, set())
         half = await run_mix("half hosted", PROVIDERS // 2, count, bed)
         every = await run_mix("all hosted", PROVIDERS, count, bed)
-        return goals(half) + goals(every)
+        return goals("half hosted", half) + goals("all hosted", every)
     finally:
         keys = [key async for key in redis.scan_iter(match=f"{prefix}*")]
         if keys:
@@ -311,16 +318,21 @@ async def _run(count: int) -> list[str]:
         await admin.dispose()
 
 
-def main(quick: bool = False) -> None:
+def main(quick: bool = False) -> list[Check]:
     """Print, per provider mix, the UPDATEs and time of each variant, and the goals."""
     for what, url, port in (("PostgreSQL", DATABASE_URL, 5432), ("Redis", REDIS_URL, 6379)):
         if not _reachable(url, port):
-            print(f"bench_provider_usage: {what} is not reachable at {url}; skipped")
-            return
+            print(f"\n== provider usage: skipped: {what} not reachable at {url} ==")
+            return []
     count = 2_000 if quick else 10_000
-    print("provider usage on PostgreSQL and Redis: one transaction per message (per batch in d)")
-    for line in asyncio.run(_run(count)):
-        print(f"   {line}")
+    print(
+        "\n== provider usage on PostgreSQL and Redis: one transaction per message "
+        "(per batch in d) =="
+    )
+    checks = asyncio.run(_run(count))
+    for check in checks:
+        print(f"   {check}")
+    return checks
 
 
 if __name__ == "__main__":
