@@ -246,6 +246,38 @@ async def test_background_failures_are_isolated_and_reach_the_error_hook() -> No
     assert all(error.handler_name.endswith("failing") for error in errors)
 
 
+async def test_without_an_error_hook_background_failures_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = EventBus()
+
+    @bus.on(Job)
+    async def failing(job: Job) -> None:
+        raise ValueError(f"job {job.number}")
+
+    async with bus:
+        await bus.publish(Job(7))
+    assert "failing failed on event job" in caplog.text
+    assert "job 7" in caplog.text
+
+
+async def test_a_publish_cancelled_before_it_returns_queues_nothing() -> None:
+    bus, handled = EventBus(), list[int]()
+
+    @bus.on(Job)
+    async def record(job: Job) -> None:
+        handled.append(job.number)
+
+    async with bus:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await bus.publish(Job(1))
+        assert scope.cancelled_caught
+        report = await bus.stop()
+    assert report == DrainReport(delivered=0)
+    assert handled == []
+
+
 async def test_a_failing_error_hook_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     def broken(error: HandlerError) -> None:
         raise RuntimeError("pager down")
