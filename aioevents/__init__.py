@@ -14,6 +14,7 @@ from ._exceptions import (
     AioEventsError,
     BusStateError,
     ConfigurationError,
+    HandlerCancelledError,
     QueueFullError,
     SubscriptionError,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "DrainReport",
     "EmitResult",
     "EventBus",
+    "HandlerCancelledError",
     "HandlerError",
     "Hook",
     "QueueFullError",

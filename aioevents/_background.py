@@ -13,6 +13,7 @@ import heapq
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import Context, copy_context
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from ._checks import check_positive_int, check_seconds
-from ._dispatch import log_failure
+from ._dispatch import FINISHED, first_step, log_failure, resume_in_context
 from ._exceptions import BusStateError, QueueFullError
 from ._result import EmitResult, HandlerError
 from ._retry import attempts_of
@@ -67,7 +68,8 @@ class _PriorityQueue:
     """Bounded; higher priority first, first in first out within a priority."""
 
     def __init__(self, capacity: int) -> None:
-        self._heap: list[tuple[int, int, object]] = []
+        # (-priority, arrival, event, the publisher's context): handlers see its contextvars
+        self._heap: list[tuple[int, int, object, Context]] = []
         self._order = itertools.count()
         self.free = anyio.Semaphore(capacity)
         self.queued = anyio.Semaphore(0)
@@ -95,7 +97,7 @@ class _PriorityQueue:
         for _ in range(self._waiting):
             self.free.release()
 
-    def put_nowait(self, event: object, priority: int) -> None:
+    def put_nowait(self, event: object, priority: int, context: Context) -> None:
         try:
             self.free.acquire_nowait()
         except anyio.WouldBlock:
@@ -103,16 +105,16 @@ class _PriorityQueue:
                 f"the background queue is full ({len(self)} events); await publish() to wait "
                 f"for a free place, or raise queue_size"
             ) from None
-        self.push(event, priority)
+        self.push(event, priority, context)
 
-    def push(self, event: object, priority: int) -> None:
-        heapq.heappush(self._heap, (-priority, next(self._order), event))
+    def push(self, event: object, priority: int, context: Context) -> None:
+        heapq.heappush(self._heap, (-priority, next(self._order), event, context))
         self.queued.release()
 
-    def pop(self) -> object:
-        event = heapq.heappop(self._heap)[2]
+    def pop(self) -> tuple[object, Context]:
+        _, _, event, context = heapq.heappop(self._heap)
         self.free.release()
-        return event
+        return event, context
 
     def take_all(self) -> list[object]:
         return [heapq.heappop(self._heap)[2] for _ in range(len(self._heap))]
@@ -211,26 +213,33 @@ class Background:
         except BaseException:
             self._finished()
             raise
-        queue.push(event, priority)
+        queue.push(event, priority, copy_context())
 
     def publish_nowait(self, event: object, priority: int) -> None:
-        self._queue.put_nowait(event, priority)
+        self._queue.put_nowait(event, priority, copy_context())
         self._unfinished += 1
 
     async def _work(self) -> None:
         queue = self._queue
         while True:
             await _acquire(queue.queued, queue.queued.acquire)
-            event = queue.pop()
+            event, context = queue.pop()
             try:
-                result = await self._emit(event)
+                # In the publisher's context, as emit would have run there; so is on_error.
+                step = self._deliver(event).__await__()
+                yielded = first_step(context, step)
+                if yielded is not FINISHED:
+                    await resume_in_context(context, step, yielded)
             except anyio.get_cancelled_exc_class():
                 self._interrupted.append(event)  # its handlers were stopped by the drain timeout
                 raise
             self.delivered += 1
             self._finished()
-            if result.errors:
-                await self._report(result.errors)
+
+    async def _deliver(self, event: object) -> None:
+        result = await self._emit(event)
+        if result.errors:
+            await self._report(result.errors)
 
     def _finished(self) -> None:
         self._unfinished -= 1
@@ -273,6 +282,9 @@ class Background:
                 return
             try:
                 await batch.sub.invoke(events)
+            except anyio.get_cancelled_exc_class():
+                self._interrupted.extend(events)  # stopped by the drain timeout: reported
+                raise
             except Exception as exc:
                 log_failure(batch.sub, f"batch of {len(events)}", exc)
                 attempts = attempts_of(exc)
@@ -296,6 +308,8 @@ class Background:
             for batch in self._batches.values():
                 while batch.events:
                     await self._flush(batch)
+                async with batch.lock:  # and wait for a flush its own task had begun
+                    pass
         return not deadline.cancelled_caught
 
     async def close(self, drain_timeout: float, *, drained: bool) -> DrainReport:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Iterable, Sequence
-from contextvars import copy_context
+from collections.abc import Callable, Generator, Iterable, Sequence
+from contextvars import Context, copy_context
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
@@ -29,6 +29,7 @@ from ._dispatch import (
     first_step,
     observed_runner,
     record_failure,
+    record_stray_cancellation,
     resume_in_context,
     run_guarded,
 )
@@ -103,7 +104,7 @@ class EventBus(HandlerDecorators):
         self._registry = Registry()
         self._routes = self._registry.routes
         self._limiter = anyio.CapacityLimiter(max_concurrency) if max_concurrency else None
-        self._hooks: list[Hook] = list(hooks)
+        self._hooks: list[Hook] = [_checked_hook(hook) for hook in hooks]
         self._taps: list[Callable[[object], None]] = []
         self._guarded: Guarded = run_guarded
         self._update_runner()
@@ -203,7 +204,7 @@ class EventBus(HandlerDecorators):
 
     def add_hook(self, hook: Hook) -> None:
         """Call ``hook`` around every handler call from now on."""
-        self._hooks.append(hook)
+        self._hooks.append(_checked_hook(hook))
         self._update_runner()
 
     def remove_hook(self, hook: Hook) -> None:
@@ -247,18 +248,26 @@ class EventBus(HandlerDecorators):
                 call = sub.invoke(event) if plain else self._guarded(sub, event, errors)
                 step = call.__await__()
                 yielded = first_step(context, step)
-                if yielded is not FINISHED:
-                    await resume_in_context(context, step, yielded)
             except Exception as exc:
                 record_failure(sub, event, exc, errors)
+            except asyncio.CancelledError as exc:  # before any suspension: not the emitter's
+                record_stray_cancellation(sub, event, exc, errors)
+            else:
+                if yielded is not FINISHED:
+                    await _finish_inline(sub, event, errors, context, step, yielded)
         elif (loop := _get_running_loop()) is not None:
             await _run_on_asyncio(loop, self._guarded, subs, event, errors)
         else:
             # trio schedules new tasks in no fixed order: each handler is started, and has
             # run to its first checkpoint, before the next one is spawned.
-            async with anyio.create_task_group() as task_group:
-                for sub in subs:
-                    await task_group.start(_started, self._guarded, sub, event, errors)
+            try:
+                async with anyio.create_task_group() as task_group:
+                    for sub in subs:
+                        await task_group.start(_started, self._guarded, sub, event, errors)
+            except BaseExceptionGroup as group:  # one BaseException is raised as itself, as
+                if len(group.exceptions) == 1:  # the asyncio path and an inline handler do
+                    raise group.exceptions[0] from None
+                raise
         if not errors:
             return route.ok_result
         if strict:
@@ -376,6 +385,36 @@ class EventBus(HandlerDecorators):
         self._registry.set_muted(subs, muted)
 
 
+async def _finish_inline(
+    sub: Subscription,
+    event: object,
+    errors: list[HandlerError],
+    context: Context,
+    step: Generator[Any, Any, Any],
+    yielded: Any,
+) -> None:
+    """Run the rest of an inline handler; its swallowing a cancellation does not undo it.
+
+    A cancellation of the emitter goes on into the handler. Should the handler swallow it
+    (return, or raise something else), the emitter is still cancelled: on asyncio the task's
+    count of pending cancellations says so, and CancelledError is raised again once the
+    handler has ended. (The handler's own timeouts take back theirs, so they do not count.)
+    On trio, cancellation is level-triggered: the emitter's next checkpoint raises it anyway.
+    """
+    task = asyncio.current_task() if _get_running_loop() is not None else None
+    pending = task.cancelling() if task is not None else 0
+    try:
+        await resume_in_context(context, step, yielded)
+    except Exception as exc:
+        record_failure(sub, event, exc, errors)
+    except asyncio.CancelledError as exc:
+        if task is None or task.cancelling() > pending:
+            raise
+        record_stray_cancellation(sub, event, exc, errors)
+    if task is not None and task.cancelling() > pending:
+        raise asyncio.CancelledError
+
+
 async def _run_on_asyncio(
     loop: asyncio.AbstractEventLoop,
     guarded: Guarded,
@@ -397,15 +436,18 @@ async def _run_on_asyncio(
         await group.done
     finally:
         if group.remaining:  # the emitter was cancelled, or a handler raised a BaseException
+            group.cancelling = True
             await _cancel_and_wait(tasks)
-    if len(group.failures) == 1:
-        raise group.failures[0]
-    if group.failures:
-        raise BaseExceptionGroup("handlers raised", group.failures)
+        # Raised from here, a handler's KeyboardInterrupt or SystemExit also replaces the
+        # emitter's own cancellation: it must never be swallowed.
+        if len(group.failures) == 1:
+            raise group.failures[0]
+        if group.failures:
+            raise BaseExceptionGroup("handlers raised", group.failures)
 
 
 class _Countdown:
-    __slots__ = ("done", "errors", "failures", "remaining")
+    __slots__ = ("cancelling", "done", "errors", "failures", "remaining")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, count: int, errors: list[HandlerError]
@@ -414,6 +456,7 @@ class _Countdown:
         self.errors = errors
         self.failures: list[BaseException] = []
         self.remaining = count
+        self.cancelling = False  # set when the emitter cancels what is left
 
     def finish(self) -> None:
         if not self.done.done():
@@ -425,8 +468,9 @@ async def _counted(guarded: Guarded, sub: Subscription, event: object, group: _C
     # tasks, and it cancels them only after it has stopped counting (in _cancel_and_wait).
     try:
         await guarded(sub, event, group.errors)  # records the handler's Exception
-    except asyncio.CancelledError:
-        pass  # cancelled by the emitter, as a TaskGroup ignores a cancelled child
+    except asyncio.CancelledError as exc:
+        if not group.cancelling:  # not the emitter's doing: the handler's own failure
+            record_stray_cancellation(sub, event, exc, group.errors)
     except BaseException as exc:  # KeyboardInterrupt and the like: the emitter raises them
         group.failures.append(exc)
         group.finish()
@@ -456,6 +500,13 @@ async def _started(
 ) -> None:
     task_status.started()
     await guarded(sub, event, errors)
+
+
+def _checked_hook(hook: Hook) -> Hook:
+    for method in ("handler_started", "handler_finished"):
+        if not callable(getattr(hook, method, None)):
+            raise TypeError(f"a hook needs a {method}() method (see aioevents.Hook), got {hook!r}")
+    return hook
 
 
 def _require(value: object, cls: type, message: str) -> None:

@@ -6,19 +6,35 @@ did not keep to (untyped code, data read from configuration).
 
 from __future__ import annotations
 
+import inspect
+import math
+from typing import Any
+
 from ._exceptions import ConfigurationError
 
-__all__ = ["check_event_type", "check_positive_int", "check_seconds"]
+__all__ = ["check_event_type", "check_flag", "check_positive_int", "check_seconds"]
 
 
 def check_event_type(event_type: object) -> None:
-    if not isinstance(event_type, type):
+    if not isinstance(event_type, type) or event_type is Any:
         hint = (
             " (did you write @bus.on instead of @bus.on(EventType)?)"
-            if callable(event_type)
+            if inspect.isroutine(event_type)
             else ""
         )
         raise TypeError(f"an event type must be a class, got {event_type!r}{hint}")
+    if getattr(event_type, "_is_protocol", False):
+        # Dispatch follows the MRO; a Protocol is never in an event's MRO, so it would
+        # silently receive nothing.
+        raise TypeError(
+            f"{event_type.__qualname__} is a Protocol, which no event has in its MRO; "
+            f"subscribe to a base class of the events instead"
+        )
+
+
+def check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def check_seconds(name: str, value: object, *, zero: bool = False, none: bool = False) -> None:
@@ -26,7 +42,7 @@ def check_seconds(name: str, value: object, *, zero: bool = False, none: bool = 
     if value is None and none:
         return
     number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number or value < 0 or (value == 0 and not zero):  # type: ignore[operator]
+    if not number or not math.isfinite(value) or value < 0 or (value == 0 and not zero):  # type: ignore[arg-type,operator]
         bound = ">= 0" if zero else "> 0"
         alternative = " or None" if none else ""
         raise ConfigurationError(

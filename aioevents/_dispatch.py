@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 import anyio
 import anyio.to_thread
 
+from ._exceptions import HandlerCancelledError
 from ._names import event_name
 from ._result import HandlerError
 from ._retry import attempts_of, with_retry
@@ -32,6 +33,7 @@ __all__ = [
     "first_step",
     "make_invoke",
     "observed_runner",
+    "record_stray_cancellation",
     "resume_in_context",
     "run_guarded",
 ]
@@ -120,6 +122,15 @@ def record_failure(
     )
     if logger.isEnabledFor(logging.ERROR):  # naming the event costs: only when it is logged
         log_failure(sub, event_name(event), exc)
+
+
+def record_stray_cancellation(
+    sub: Subscription, event: object, cancellation: BaseException, errors: list[HandlerError]
+) -> None:
+    """Record a handler that died of someone else's cancellation as a failure of its own."""
+    error = HandlerCancelledError(f"{sub.name} ended with a cancellation its emit did not ask for")
+    error.__cause__ = cancellation
+    record_failure(sub, event, error, errors)
 
 
 def log_failure(sub: Subscription, what: str, exc: Exception) -> None:

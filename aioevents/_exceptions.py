@@ -5,6 +5,7 @@ Every error the library raises on its own account derives from `AioEventsError`:
     AioEventsError
      ├── BusStateError
      ├── ConfigurationError (also a ValueError)
+     ├── HandlerCancelledError
      ├── QueueFullError
      ├── SubscriptionError
      └── aioevents.sqlalchemy.NoTransactionError
@@ -20,6 +21,7 @@ __all__ = [
     "AioEventsError",
     "BusStateError",
     "ConfigurationError",
+    "HandlerCancelledError",
     "QueueFullError",
     "SubscriptionError",
 ]
@@ -54,3 +56,12 @@ class BusStateError(AioEventsError):
 
 class QueueFullError(AioEventsError):
     """Raised by `EventBus.publish_nowait` when the background queue has no free place."""
+
+
+class HandlerCancelledError(AioEventsError):
+    """Recorded in `EmitResult.errors` when a handler ended with a cancellation its emit did
+    not ask for, for example by awaiting a future that something else cancelled.
+
+    The cancellation itself is the ``__cause__``. Cancelling the emitter is not this: it
+    cancels the handlers and is raised from ``emit``.
+    """

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._background import BatchPolicy
-from ._checks import check_event_type, check_seconds
+from ._checks import check_event_type, check_flag, check_seconds
 from ._dispatch import Invoke, make_invoke
+from ._names import event_name
 from ._result import EmitResult
 from ._retry import Retry
 
@@ -43,6 +44,7 @@ class Options:
 
     def __post_init__(self) -> None:
         check_seconds("timeout", self.timeout, none=True)
+        check_flag("once", self.once)
         if self.retry is not None and not isinstance(self.retry, Retry):
             raise TypeError(f"retry must be a Retry(...), got {self.retry!r}")
         _check_name(self.name)
@@ -131,8 +133,17 @@ def is_async_handler(handler: Handler) -> bool:
 def check_subscription(event_type: object, handler: object) -> None:
     """Refuse, with a message that says what to fix, what could never be dispatched."""
     check_event_type(event_type)
+    event_name(event_type)  # a bad __event_name__ is found here, not when a failure is logged
     if not callable(handler):
         raise TypeError(f"a handler must be callable, got {handler!r}")
+    call = getattr(type(handler), "__call__", None)  # noqa: B004  (the class's, as Python calls it)
+    if any(
+        inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f) for f in (handler, call)
+    ):
+        raise TypeError(
+            f"handler {handler_name(handler)} is a generator function: calling it only makes "
+            f"a generator, its body would never run; use a plain or async def function"
+        )
     try:
         signature = inspect.signature(handler)
     except (TypeError, ValueError):  # some builtins and C callables have no signature to read

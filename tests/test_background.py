@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -391,3 +392,52 @@ def test_batch_settings_are_checked() -> None:
         bus.subscribe_batch(Job, bulk, max_size=0)
     with pytest.raises(ConfigurationError, match="max_wait must be a number of seconds > 0"):
         bus.on_batch(Job, max_wait=-1)
+
+
+async def test_a_batch_being_flushed_when_the_bus_stops_is_waited_for() -> None:
+    bus, started, stored = EventBus(), anyio.Event(), list[int]()
+
+    @bus.on_batch(Job, max_size=1)
+    async def slow_bulk(jobs: Sequence[Job]) -> None:
+        started.set()
+        await anyio.sleep(0.1)
+        stored.extend(job.number for job in jobs)
+
+    async with bus:
+        await bus.publish(Job(1))
+        await started.wait()  # its own task has taken the batch and is running it
+        report = await bus.stop()
+    assert report.undelivered == () and stored == [1]
+
+
+async def test_a_batch_cut_off_by_the_drain_timeout_is_reported_undelivered() -> None:
+    bus, started = EventBus(drain_timeout=0.05), anyio.Event()
+
+    @bus.on_batch(Job, max_size=2)
+    async def hanging_bulk(jobs: Sequence[Job]) -> None:
+        started.set()
+        await anyio.sleep(30)
+
+    async with bus:
+        await bus.publish(Job(1))
+        await bus.publish(Job(2))
+        await started.wait()
+        report = await bus.stop()
+    assert report.timed_out and report.undelivered == (Job(1), Job(2))
+
+
+async def test_background_handlers_and_the_error_hook_see_the_publishers_context() -> None:
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+    seen = list[str]()
+    bus = EventBus(on_error=lambda error: seen.append(f"on_error {request_id.get()}"))
+
+    @bus.on(Job)
+    async def failing(job: Job) -> None:
+        seen.append(f"handler {request_id.get()}")
+        raise ValueError
+
+    async with bus:
+        token = request_id.set("req-42")
+        await bus.publish(Job(1))
+        request_id.reset(token)
+    assert seen == ["handler req-42", "on_error req-42"]

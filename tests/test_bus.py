@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
 import pytest
 
-from aioevents import ConfigurationError, EmitResult, EventBus, HandlerError, SubscriptionError
+from aioevents import (
+    ConfigurationError,
+    EmitResult,
+    EventBus,
+    HandlerCancelledError,
+    HandlerError,
+    SubscriptionError,
+)
 from tests.events import AppEvent, AppWasCreated, TenantWasCreated
 
 pytestmark = pytest.mark.anyio
@@ -584,3 +593,106 @@ def test_the_bus_lists_its_subscriptions_and_what_an_event_type_runs() -> None:
     assert "subscriptions=3" in repr(bus)
     with pytest.raises(TypeError, match="must be a class"):
         bus.handlers_for(AppWasCreated())  # type: ignore[arg-type]
+
+
+# -- cancellation that is not the emitter's, and handlers that swallow it -----------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("handlers", [1, 2])
+async def test_a_handler_swallowing_the_emitters_cancellation_does_not_undo_it(
+    handlers: int,
+) -> None:
+    bus = EventBus()
+
+    async def stubborn(event: object) -> None:
+        try:
+            await anyio.sleep(10)
+        except asyncio.CancelledError:
+            raise RuntimeError("cleanup failed") from None
+
+    for _ in range(handlers):
+        bus.subscribe(AppWasCreated, stubborn)
+    with pytest.raises(TimeoutError):  # asyncio.timeout sees its cancellation come back
+        async with asyncio.timeout(0.05):
+            await bus.emit(AppWasCreated())
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("handlers", [1, 2])
+@pytest.mark.parametrize("suspend_first", [False, True])
+async def test_a_handler_dying_of_someone_elses_cancellation_is_its_own_failure(
+    handlers: int, suspend_first: bool
+) -> None:
+    bus = EventBus()
+
+    async def awaits_a_cancelled_future(event: object) -> None:
+        if suspend_first:
+            await anyio.lowlevel.checkpoint()
+        shared = asyncio.get_running_loop().create_future()
+        shared.cancel()  # say, a shared request that another task gave up on
+        await shared
+
+    for _ in range(handlers):
+        bus.subscribe(AppWasCreated, awaits_a_cancelled_future)
+    result = await bus.emit(AppWasCreated())
+    assert [type(error.exception) for error in result.errors] == [HandlerCancelledError] * handlers
+    assert all(isinstance(e.exception.__cause__, asyncio.CancelledError) for e in result.errors)
+
+
+async def test_a_base_exception_raised_while_the_emitter_is_cancelled_is_not_swallowed() -> None:
+    bus = EventBus()
+
+    async def stops_when_cancelled(event: object) -> None:
+        try:
+            await anyio.sleep(10)
+        finally:
+            raise Stop
+
+    bus.subscribe(AppWasCreated, stops_when_cancelled)
+    bus.subscribe(AppWasCreated, stops_when_cancelled)
+    with pytest.raises(BaseException) as info, anyio.move_on_after(0.05):
+        await bus.emit(AppWasCreated())
+    assert leaves(info.value) and all(isinstance(exc, Stop) for exc in leaves(info.value))
+
+
+# -- more bad input ------------------------------------------------------------------------
+
+
+async def async_generator_handler(event: object) -> AsyncIterator[None]:
+    yield
+
+
+def generator_handler(event: object) -> Iterator[None]:
+    yield
+
+
+@pytest.mark.parametrize("handler", [async_generator_handler, generator_handler])
+def test_generator_functions_are_refused(handler: Callable[[object], object]) -> None:
+    with pytest.raises(TypeError, match="is a generator function"):
+        EventBus().subscribe(AppWasCreated, handler)
+
+
+class Readable(Protocol):
+    def read(self) -> bytes: ...
+
+
+@pytest.mark.parametrize("event_type", [Readable, Any])
+def test_types_that_are_never_in_an_mro_are_refused(event_type: Any) -> None:
+    with pytest.raises(TypeError, match=r"Protocol|must be a class"):
+        EventBus().subscribe(event_type, handler_for_anything)
+
+
+def test_nan_durations_and_non_bool_flags_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="timeout must be a number"):
+        EventBus().subscribe(AppWasCreated, handler_for_anything, timeout=float("nan"))
+    with pytest.raises(ConfigurationError, match="drain_timeout must be a number"):
+        EventBus(drain_timeout=float("inf"))
+    with pytest.raises(TypeError, match="once must be a bool"):
+        EventBus().subscribe(AppWasCreated, handler_for_anything, once="no")  # type: ignore[arg-type]
+
+
+def test_a_bad_event_name_is_refused_when_subscribing() -> None:
+    bad = type("Bad", (), {"__event_name__": ""})
+    with pytest.raises(ConfigurationError, match="__event_name__ must be a non-empty str"):
+        EventBus().subscribe(bad, handler_for_anything)

@@ -15,6 +15,7 @@ PUBLIC = {
     "DrainReport",
     "EmitResult",
     "EventBus",
+    "HandlerCancelledError",
     "HandlerError",
     "Hook",
     "QueueFullError",

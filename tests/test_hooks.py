@@ -93,6 +93,13 @@ async def test_a_failing_hook_is_logged_and_does_not_fail_the_handler(
     assert "BrokenHook.handler_started failed; the handler is not affected" in caplog.text
 
 
+def test_a_hook_without_the_hook_methods_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"a hook needs a handler_started\(\) method"):
+        EventBus(hooks=[object()])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"needs a handler_finished\(\) method"):
+        EventBus().add_hook(type("Half", (), {"handler_started": print})())
+
+
 async def test_removed_hooks_are_no_longer_called() -> None:
     hook, bus = RecordingHook(), EventBus()
     bus.subscribe(AppWasCreated, sleepy)
