@@ -55,8 +55,10 @@ class BatchPolicy:
 class DrainReport:
     """What stopping a running bus delivered and what it could not.
 
-    ``undelivered`` holds, in queue order, the events that were still queued or whose handlers
-    were interrupted when the drain timed out: persist or re-publish them, they are not lost.
+    ``delivered`` counts the events workers handed to their handlers (for a batch handler:
+    added to its batch). ``undelivered`` holds the events that were still queued, or whose
+    handlers (batches included) were interrupted, when the drain timed out: persist or
+    re-publish them, they are not lost.
     """
 
     delivered: int
