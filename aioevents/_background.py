@@ -14,7 +14,7 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import Context, copy_context
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import anyio
@@ -22,10 +22,9 @@ import anyio.abc
 import anyio.lowlevel
 
 from ._checks import check_positive_int, check_seconds
-from ._dispatch import FINISHED, first_step, log_failure, resume_in_context
+from ._dispatch import FINISHED, Guarded, first_step, resume_in_context
 from ._exceptions import BusStateError, QueueFullError
 from ._result import EmitResult, HandlerError
-from ._retry import attempts_of
 
 if TYPE_CHECKING:
     from ._registry import Subscription
@@ -180,12 +179,14 @@ class Background:
     def __init__(
         self,
         emit: Callable[[object], Awaitable[EmitResult]],
+        guarded: Callable[[], Guarded],
         *,
         workers: int,
         queue_size: int,
         on_error: ErrorHook | None,
     ) -> None:
         self._emit = emit
+        self._guarded = guarded  # the bus's current runner (it changes with its hooks)
         self._workers = workers
         self._queue = _PriorityQueue(queue_size)
         self._on_error = on_error
@@ -282,22 +283,14 @@ class Background:
             events = batch.take()
             if not events:
                 return
-            try:
-                await batch.sub.invoke(events)
+            errors: list[HandlerError] = []
+            try:  # the bus's runner: isolation, logging, hooks and max_concurrency, as in emit
+                await self._guarded()(batch.sub, events, errors)
             except anyio.get_cancelled_exc_class():
                 self._interrupted.extend(events)  # stopped by the drain timeout: reported
                 raise
-            except Exception as exc:
-                log_failure(batch.sub, f"batch of {len(events)}", exc)
-                attempts = attempts_of(exc)
-                await self._report(  # every event of a failed batch is reported
-                    [
-                        HandlerError(
-                            batch.sub.name, exc, event=e, subscription=batch.sub, attempts=attempts
-                        )
-                        for e in events
-                    ]
-                )
+            if errors:  # every event of a failed batch is reported
+                await self._report([replace(errors[0], event=event) for event in events])
 
     # -- stopping ----------------------------------------------------------------------------
 

@@ -302,7 +302,7 @@ class EventBus(HandlerDecorators):
     async def __aenter__(self) -> Self:
         if self._background is not None:
             raise BusStateError(f"{self!r} is already running")
-        background = self._new_background(self.emit)
+        background = self._new_background(self.emit, lambda: self._guarded)
         batch_subs = [sub for sub in self._registry.all() if sub.batch is not None]
         await background.start(batch_subs)
         self._background = background

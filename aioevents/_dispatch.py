@@ -121,7 +121,10 @@ def record_failure(
         HandlerError(sub.name, exc, event=event, subscription=sub, attempts=attempts_of(exc))
     )
     if logger.isEnabledFor(logging.ERROR):  # naming the event costs: only when it is logged
-        log_failure(sub, event_name(event), exc)
+        if sub.batch is not None:  # a batch handler's "event" is the list of its batch
+            log_failure(sub, f"batch of {len(cast(list[object], event))}", exc)
+        else:
+            log_failure(sub, event_name(event), exc)
 
 
 def record_stray_cancellation(

@@ -18,6 +18,7 @@ from aioevents import (
     EventBus,
     HandlerError,
     QueueFullError,
+    Subscription,
 )
 
 pytestmark = pytest.mark.anyio
@@ -441,3 +442,25 @@ async def test_background_handlers_and_the_error_hook_see_the_publishers_context
         await bus.publish(Job(1))
         request_id.reset(token)
     assert seen == ["handler req-42", "on_error req-42"]
+
+
+async def test_hooks_and_the_limit_apply_to_batches_on_a_running_bus() -> None:
+    calls = list[tuple[str, object]]()
+
+    class Recording:
+        def handler_started(self, event: object, subscription: Subscription) -> object:
+            calls.append(("started", event))
+            return None
+
+        def handler_finished(self, event: object, subscription: Subscription, **_: object) -> None:
+            calls.append(("finished", event))
+
+    bus = EventBus(hooks=[Recording()], max_concurrency=1)
+
+    @bus.on_batch(Job, max_size=2)
+    async def bulk(jobs: Sequence[Job]) -> None: ...
+
+    async with bus:
+        await bus.publish(Job(1))
+        await bus.publish(Job(2))
+    assert calls == [("started", [Job(1), Job(2)]), ("finished", [Job(1), Job(2)])]
