@@ -179,7 +179,7 @@ class EventBus(HandlerDecorators):
             raise SubscriptionError(
                 f"{subscription.name} was subscribed on another bus; unsubscribe it there"
             )
-        self._registry.remove(subscription)
+        self._registry.remove(subscription.origin or subscription)
 
     def include(self, router: Router) -> tuple[Subscription, ...]:
         """Subscribe every handler of a `Router`, in the order the router recorded them."""

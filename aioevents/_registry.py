@@ -68,6 +68,8 @@ class Subscription:
     order: int = field(default=0, repr=False)
     # The registry that made it: unsubscribing it from another bus is a mistake to report.
     owner: object = field(default=None, repr=False, compare=False)
+    # For the stand-in that hands a batch handler a batch of one: the batch subscription.
+    origin: Subscription | None = field(default=None, repr=False, compare=False)
     # The awaitable call that runs the handler: the handler itself, or a wrapper that adds
     # the thread offload and the timeout. Built once, at subscription.
     invoke: Invoke = field(init=False, repr=False, compare=False)
@@ -113,7 +115,9 @@ def _one_event_batch(sub: Subscription) -> Subscription:
     async def deliver_one(event: object) -> None:
         await batch_invoke([event])
 
-    return Subscription(sub.event_type, deliver_one, sub.name, order=sub.order, owner=sub.owner)
+    return Subscription(
+        sub.event_type, deliver_one, sub.name, order=sub.order, owner=sub.owner, origin=sub
+    )
 
 
 def handler_name(handler: object) -> str:

@@ -382,6 +382,9 @@ async def test_a_batch_of_one_that_fails_on_a_stopped_bus_is_in_the_emit_report(
     [error] = (await bus.emit(Job(1))).errors
     assert str(error.exception) == "1 job(s) lost the database"
     assert error.handler_name.endswith("bulk")
+    assert error.subscription is not None
+    bus.unsubscribe(error.subscription)  # the subscription a report names can be ended
+    assert bus.subscriptions == ()
 
 
 def test_batch_settings_are_checked() -> None:
