@@ -120,11 +120,19 @@ def record_failure(
     errors.append(
         HandlerError(sub.name, exc, event=event, subscription=sub, attempts=attempts_of(exc))
     )
-    if logger.isEnabledFor(logging.ERROR):  # naming the event costs: only when it is logged
-        if sub.batch is not None:  # a batch handler's "event" is the list of its batch
-            log_failure(sub, f"batch of {len(cast(list[object], event))}", exc)
-        else:
-            log_failure(sub, event_name(event), exc)
+    if not logger.isEnabledFor(logging.ERROR):  # naming the event costs: only when logged
+        return
+    if sub.batch is not None:  # a batch handler's "event" is the list of its batch
+        what = f"batch of {len(cast(list[object], event))}"
+    else:
+        what = event_name(event)
+    logger.error(
+        "handler %s failed on event %s",
+        sub.name,
+        what,
+        exc_info=exc,
+        extra={"handler": sub.name, "event_name": what},
+    )
 
 
 def record_stray_cancellation(
@@ -134,16 +142,6 @@ def record_stray_cancellation(
     error = HandlerCancelledError(f"{sub.name} ended with a cancellation its emit did not ask for")
     error.__cause__ = cancellation
     record_failure(sub, event, error, errors)
-
-
-def log_failure(sub: Subscription, what: str, exc: Exception) -> None:
-    logger.error(
-        "handler %s failed on event %s",
-        sub.name,
-        what,
-        exc_info=exc,
-        extra={"handler": sub.name, "event_name": what},
-    )
 
 
 async def run_guarded(sub: Subscription, event: object, errors: list[HandlerError]) -> None:
