@@ -54,10 +54,18 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import event as sa_event
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session, SessionTransaction
-from sqlalchemy.util.concurrency import in_greenlet
+try:
+    from sqlalchemy import event as sa_event
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session, SessionTransaction
+    from sqlalchemy.util.concurrency import in_greenlet
+except ImportError as missing:
+    # A newcomer's first import: say which extra brings SQLAlchemy, not just its module name.
+    raise ModuleNotFoundError(
+        f"aioevents.sqlalchemy needs SQLAlchemy ({missing}): install the extra with "
+        f"pip install 'aioevents[sqlalchemy]'",
+        name=missing.name,
+    ) from missing
 
 try:
     from sqlalchemy.util.concurrency import await_ as await_only
@@ -110,7 +118,7 @@ class Recorded(Generic[E]):
     ``None`` before then, and when delivery was cancelled.
     """
 
-    __slots__ = ("_owner", "_prepared", "_scope", "event", "outcome", "result")
+    __slots__ = ("_owner", "_prepared", "_scope", "_succeeded", "event", "outcome", "result")
 
     def __init__(
         self, event: E, owner: TransactionalEvents, scope: tuple[SessionTransaction, ...]
@@ -121,6 +129,9 @@ class Recorded(Generic[E]):
         self._owner = owner
         self._scope = scope  # the transaction it was recorded in, and that one's ancestors
         self._prepared = False  # its before-commit handlers have run
+        # How many of them have succeeded: a commit retried after a failure resumes there,
+        # so a handler whose writes are already in the transaction does not write them again.
+        self._succeeded = 0
 
     def __repr__(self) -> str:
         return f"<Recorded {event_name(self.event)} {self.outcome.value}>"
@@ -160,6 +171,11 @@ class TransactionalEvents:
     def __init__(self, bus: EventBus, *, rollback_bus: EventBus | None = None) -> None:
         if not isinstance(bus, EventBus):
             raise TypeError(f"TransactionalEvents() takes an EventBus, got {bus!r}")
+        if rollback_bus is not None and not isinstance(rollback_bus, EventBus):
+            raise TypeError(
+                f"TransactionalEvents(rollback_bus=...) takes an EventBus or None, "
+                f"got {rollback_bus!r}"
+            )
         self.bus = bus
         self.rollback_bus = rollback_bus if rollback_bus is not None else EventBus()
         self._before: list[tuple[type, str, Callable[[Any, AsyncSession], Awaitable[object]]]] = []
@@ -204,7 +220,8 @@ class TransactionalEvents:
         recording order of the events and subscription order of the handlers. The first
         exception propagates out of the commit, with a note naming the handler: the COMMIT is
         not sent and the transaction stays open until ``session.begin()``'s block or the
-        session's close rolls it back; committing again retries from the failed handler.
+        session's close rolls it back; committing again retries from the failed handler (the
+        handlers that succeeded do not run again: what they wrote is still in the transaction).
 
         They run only before the outermost COMMIT, not when a savepoint is released. Commit
         with the savepoints closed (as ``async with`` blocks and ``session.commit()`` do):
@@ -297,16 +314,24 @@ async def _run_before_commit(transaction: _Transaction) -> None:
         index += 1
         if recorded._prepared or recorded.outcome is not Outcome.PENDING:
             continue
-        for name, handler in recorded._owner._before_handlers(type(recorded.event)):
-            try:
-                await handler(recorded.event, transaction.session)
-            except Exception as exc:
-                exc.add_note(
-                    f"raised by before-commit handler {name} on event "
-                    f"{event_name(recorded.event)}; the transaction was not committed"
-                )
-                raise
+        await _run_before_handlers(recorded, transaction.session)
         recorded._prepared = True
+
+
+async def _run_before_handlers(recorded: Recorded[Any], session: AsyncSession) -> None:
+    # Subscriptions are only ever appended, so the handlers that already succeeded stay the
+    # first ones of the tuple, even if handlers were added between the failure and the retry.
+    handlers = recorded._owner._before_handlers(type(recorded.event))
+    for name, handler in handlers[recorded._succeeded :]:
+        try:
+            await handler(recorded.event, session)
+        except Exception as exc:
+            exc.add_note(
+                f"raised by before-commit handler {name} on event "
+                f"{event_name(recorded.event)}; the transaction was not committed"
+            )
+            raise
+        recorded._succeeded += 1
 
 
 def _on_after_commit(session: Session) -> None:

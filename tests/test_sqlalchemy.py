@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -626,6 +628,40 @@ async def test_commit_after_a_before_commit_failure_resumes_at_the_failed_handle
 
 @pytest.mark.postgres
 @pytest.mark.asyncio
+async def test_commit_after_a_before_commit_failure_does_not_rerun_the_handlers_that_succeeded(
+    engine: AsyncEngine,
+    factory: async_sessionmaker[AsyncSession],
+    tables: Tables,
+    events: TransactionalEvents,
+    delivered: list[object],
+) -> None:
+    calls: list[str] = []
+
+    @events.before_commit(ItemAdded)
+    async def write_audit(event: ItemAdded, session: AsyncSession) -> None:
+        calls.append(f"audit:{event.name}")
+        await session.execute(insert(tables.audit).values(item_name=event.name, txid="-"))
+
+    @events.before_commit(ItemAdded)
+    async def check_quota(event: ItemAdded, session: AsyncSession) -> None:
+        calls.append(f"quota:{event.name}")
+        if calls.count(f"quota:{event.name}") == 1:
+            raise ConnectionError("quota service unreachable, try again")
+
+    async with factory() as session:
+        await add_item(session, tables, "kiwi")
+        events.record(session, ItemAdded(name="kiwi"))
+        with pytest.raises(ConnectionError):
+            await session.commit()
+        await session.commit()
+
+    assert calls == ["audit:kiwi", "quota:kiwi", "quota:kiwi"]
+    assert await item_names(engine, tables.audit) == ["kiwi"]  # one audit row, not two
+    assert delivered == [ItemAdded(name="kiwi")]
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
 async def test_events_recorded_by_before_commit_handlers_are_delivered(
     factory: async_sessionmaker[AsyncSession],
     tables: Tables,
@@ -813,6 +849,27 @@ def test_constructor_and_before_commit_refuse_bad_input() -> None:
 
     with pytest.raises(TypeError, match="must be an async function"):
         events.before_commit(ItemAdded)(sync_handler)  # type: ignore[arg-type]
+
+
+def test_a_rollback_bus_that_is_not_a_bus_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"rollback_bus=\.\.\.\) takes an EventBus or None, got 5"):
+        TransactionalEvents(EventBus(), rollback_bus=5)  # type: ignore[arg-type]
+
+
+def test_importing_without_sqlalchemy_names_the_extra_to_install() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['sqlalchemy'] = None  # as if the extra were not installed\n"
+        "try:\n"
+        "    import aioevents.sqlalchemy\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print(exc.name, '|', exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.startswith("sqlalchemy | aioevents.sqlalchemy needs SQLAlchemy")
+    assert "pip install 'aioevents[sqlalchemy]'" in done.stdout
 
 
 def test_reprs_name_what_they_hold() -> None:
