@@ -191,12 +191,16 @@ class WorkflowWebhookTrigger(Row):
 
 
 class WorkflowSchedulePlan(Row):
+    """An app's schedule; ``next_run_at`` (UTC) is when it is due, which a scheduler finds
+    by its index and advances after each run."""
+
     __tablename__ = "workflow_schedule_plans"
     tenant_id: Mapped[str] = mapped_column(String(36))
     app_id: Mapped[str] = mapped_column(String(36), unique=True)  # one plan per app
     node_id: Mapped[str] = mapped_column(String(64))
     cron_expression: Mapped[str] = mapped_column(String(255))
     timezone: Mapped[str] = mapped_column(String(64))
+    next_run_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
 
 
 class Conversation(Row):

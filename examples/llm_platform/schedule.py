@@ -1,19 +1,24 @@
-"""A schedule node's settings as a cron expression: as given, or from the visual form.
+"""A schedule node's settings as a cron expression and a time zone, and when it runs next.
 
-The visual form is the original's: ``frequency`` hourly/daily/weekly/monthly with a
-``visual_config`` of ``on_minute`` (hourly), ``time`` such as "2:30 PM" (daily, weekly,
-monthly), ``weekdays`` such as ["mon", "fri"] (weekly) and ``monthly_days`` of 1..31 or
-"last" (monthly; "last" is the month's last day, cron's ``L``). Anything invalid gives None.
+The cron expression is as given, or from the visual form, the original's: ``frequency``
+hourly/daily/weekly/monthly with a ``visual_config`` of ``on_minute`` (hourly, 0 if not
+given), ``time`` such as "2:30 PM" (daily, weekly, monthly), ``weekdays`` such as
+["mon", "fri"] (weekly) and ``monthly_days`` of 1..31 or "last" (monthly; "last" is the
+month's last day, cron's ``L``). The time zone is an IANA name, UTC if not given. Anything
+invalid gives None. Cron expressions are parsed by `cronsim`, as the original used a library.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cronsim import CronSim, CronSimError
 
 _WEEKDAYS = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
-_CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?#]+$")
 _TIME = re.compile(r"^(\d{1,2}):(\d{2})\s*(AM|PM)$", re.IGNORECASE)
 
 
@@ -30,17 +35,42 @@ def cron_expression(data: Mapping[str, Any]) -> str | None:
         return None
 
 
+def time_zone(data: Mapping[str, Any]) -> str | None:
+    """The schedule's time zone (UTC if not given), or None if it is not a known zone."""
+    name = data.get("timezone") or "UTC"
+    if not isinstance(name, str):
+        return None
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):  # ValueError: not a zone key, e.g. a path
+        return None
+    return name
+
+
+def next_run_at(cron: str, zone: str, after: datetime) -> datetime:
+    """The first time strictly after ``after`` that ``cron`` matches on the clocks of
+    ``zone``, in UTC: the original's ``next_run_at``."""
+    local = after.astimezone(ZoneInfo(zone))
+    return next(CronSim(cron, local)).astimezone(UTC)
+
+
 def _valid_cron(expression: object) -> str | None:
     if not isinstance(expression, str):
         return None
     fields = expression.split()
-    if len(fields) != 5 or not all(_CRON_FIELD.match(field) for field in fields):
+    if len(fields) != 5:
         return None
-    return " ".join(fields)
+    normalized = " ".join(fields)
+    try:
+        CronSim(normalized, datetime.now(UTC))  # parses it: a field out of range is refused
+    except CronSimError:
+        return None
+    return normalized
 
 
 def _hourly(config: Mapping[str, Any]) -> str:
-    return f"{_bounded(config['on_minute'], 0, 59)} * * * *"
+    # No minute given is minute 0, as in the original.
+    return f"{_bounded(config.get('on_minute', 0), 0, 59)} * * * *"
 
 
 def _daily(config: Mapping[str, Any]) -> str:

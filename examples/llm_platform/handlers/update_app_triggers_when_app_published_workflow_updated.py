@@ -1,7 +1,8 @@
 """An app's trigger rows follow the trigger nodes of its published workflow, by node id.
 
 Removed nodes lose their row; new ones get a disabled row (a user enables a trigger);
-a changed title is updated.
+a changed title is updated. Only a workflow-mode app has trigger rows, as in the original:
+an advanced-chat app is started by a chat message, never by a trigger.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 class UpdateAppTriggersWhenAppPublishedWorkflowUpdated(Handler):
     async def __call__(self, event: AppPublishedWorkflowWasUpdated) -> None:
+        if event.mode != "workflow":
+            return
         async with self.deps.sessions.begin() as session:
             workflow = await load_workflow(session, event)
             if workflow is None:
