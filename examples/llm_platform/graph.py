@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .models import valid_id
+
 TRIGGER_PLUGIN = "trigger-plugin"
 TRIGGER_WEBHOOK = "trigger-webhook"
 TRIGGER_SCHEDULE = "trigger-schedule"
@@ -45,8 +47,12 @@ def _node(raw: object) -> Node | None:
 
 
 def knowledge_dataset_ids(graph: Mapping[str, Any]) -> set[str]:
-    """The dataset ids of the graph's knowledge-retrieval nodes."""
+    """The dataset ids of the graph's knowledge-retrieval nodes; empty or malformed ids and
+    a ``dataset_ids`` that is not a list are skipped."""
     ids: set[str] = set()
     for node in nodes(graph, KNOWLEDGE_RETRIEVAL):
-        ids.update(str(dataset_id) for dataset_id in node.data.get("dataset_ids") or ())
+        listed = node.data.get("dataset_ids")
+        for dataset_id in listed if isinstance(listed, list) else ():
+            if valid_id(dataset_id) is not None:
+                ids.add(dataset_id)
     return ids

@@ -14,9 +14,23 @@ from typing import Any, ClassVar
 from sqlalchemy import JSON, BigInteger, DateTime, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+ID_LENGTH = 36  # a UUID's text: what every id column holds
+
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+def valid_id(value: object) -> str | None:
+    """``value`` if it can be an id (a string of 1 to `ID_LENGTH` characters, no whitespace),
+    else None: ids read from JSON (configs, graphs) are checked before they reach a column."""
+    if (
+        isinstance(value, str)
+        and 0 < len(value) <= ID_LENGTH
+        and not any(character.isspace() for character in value)
+    ):
+        return value
+    return None
 
 
 def utcnow() -> datetime:
@@ -32,7 +46,7 @@ class Base(DeclarativeBase):
 
 class Row(Base):
     __abstract__ = True
-    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

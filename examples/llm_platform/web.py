@@ -1,9 +1,16 @@
 """The platform over HTTP: FastAPI, JSON bodies, every call one transaction then its events.
 
 Run it with ``uvicorn examples.llm_platform.web:app``. Refused input is a 4xx with a JSON
-body (404 unknown id, 409 duplicate, 422 invalid), and since a service call is one
-transaction, a refused call has changed nothing. Each write answers with the reports of the
-events it emitted, so a failed handler is visible to the caller.
+body (404 unknown id, 409 duplicate, 413 body over `MAX_BODY_BYTES`, 422 invalid), and since
+a service call is one transaction, a refused call has changed nothing. Every error, FastAPI's
+own included, has one body shape::
+
+    {"error": "what went wrong", "fields": [{"field": "dataset_configs.datasets",
+                                             "message": "Input should be ..."}]}
+
+``fields`` names each invalid part of a 422's request (an empty list for other errors); the
+input itself is never echoed back. Each write answers with the reports of the events it
+emitted, so a failed handler is visible to the caller.
 
 The lifespan runs the bus (``async with bus:``), and leaving it drains what is queued. What
 is delivered in the background, and what is awaited:
@@ -19,12 +26,15 @@ is delivered in the background, and what is awaited:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aioevents import EmitResult
 
@@ -46,13 +56,18 @@ from .uow import Done
 
 PlatformOpener = Callable[[], AbstractAsyncContextManager[Platform]]
 
+MAX_BODY_BYTES = 1024 * 1024
+"""The largest request body accepted; a larger one is refused with a 413 before it is read."""
+
 
 def open_from_env() -> AbstractAsyncContextManager[Platform]:
     engine, cache = engine_and_cache_from_env()
     return open_platform(engine, cache, throttle=throttle_from_env(), running=True)
 
 
-def create_web_app(open_platform: PlatformOpener = open_from_env) -> FastAPI:
+def create_web_app(
+    open_platform: PlatformOpener = open_from_env, *, max_body_bytes: int = MAX_BODY_BYTES
+) -> FastAPI:
     """The web app; ``open_platform`` gives the platform its lifespan runs on."""
 
     @asynccontextmanager
@@ -63,17 +78,103 @@ def create_web_app(open_platform: PlatformOpener = open_from_env) -> FastAPI:
 
     web = FastAPI(title="llm_platform", lifespan=lifespan)
     web.include_router(router)
+    web.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     for error, status in ((NotFound, 404), (Conflict, 409), (Invalid, 422)):
-        web.add_exception_handler(error, _error_response(status))
+        web.add_exception_handler(error, _service_error(status))
+    web.add_exception_handler(RequestValidationError, _invalid_request)
+    web.add_exception_handler(StarletteHTTPException, _http_error)
+    web.add_exception_handler(Exception, _internal_error)
     return web
 
 
-def _error_response(status: int) -> Callable[[Request, Exception], Any]:
+def error_body(message: str, fields: Sequence[dict[str, str]] = ()) -> dict[str, Any]:
+    """The one shape of every error response."""
+    return {"error": message, "fields": list(fields)}
+
+
+def _service_error(status: int) -> Callable[[Request, Exception], Any]:
     async def respond(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return JSONResponse({"error": str(exc)}, status_code=status)
+        return JSONResponse(error_body(str(exc)), status_code=status)
 
     return respond
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    # FastAPI's own body would echo each invalid input back whole: name the fields instead.
+    assert isinstance(exc, RequestValidationError)
+    fields = [
+        {"field": _field_name(error["loc"]), "message": str(error["msg"])} for error in exc.errors()
+    ]
+    names = ", ".join(dict.fromkeys(field["field"] for field in fields))
+    return JSONResponse(error_body(f"invalid request: {names}", fields), status_code=422)
+
+
+def _field_name(loc: Sequence[str | int]) -> str:
+    """``("body", "agent_mode", "tools", 0, "dataset")`` as ``agent_mode.tools[0].dataset``."""
+    where, *path = loc
+    if where == "body" and path and isinstance(path[0], str):
+        parts = path
+    elif where == "body":
+        parts = ["body"]  # the body itself, or its JSON syntax (located by an offset)
+    else:
+        parts = [where, *path]  # a path or query parameter
+    name = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts)
+    return name.lstrip(".")
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse(
+        error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # The server logs the exception; the caller learns only that it was not their fault.
+    return JSONResponse(error_body("internal server error"), status_code=500)
+
+
+class BodyLimit:
+    """Refuse a request body over ``max_bytes`` with a 413: at once if its Content-Length
+    says so, else as soon as the bytes received pass it (a chunked body has no length)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self._declared_length(scope) > self.max_bytes:
+            response = JSONResponse(error_body(self._too_large()), status_code=413)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, self._counting(receive), send)
+
+    def _declared_length(self, scope: Scope) -> int:
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                return int(value) if value.isdigit() else 0
+        return 0
+
+    def _counting(self, receive: Receive) -> Receive:
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                # Raised where the route reads its body: the exception handlers answer 413.
+                raise HTTPException(413, self._too_large())
+            return message
+
+        return counted
+
+    def _too_large(self) -> str:
+        return f"the request body is larger than {self.max_bytes} bytes"
 
 
 def _services(request: Request) -> Services:
@@ -148,7 +249,7 @@ async def get_app(app_id: str, platform: PlatformDep) -> dict[str, Any]:
 async def update_model_config(
     app_id: str, body: ModelConfig, services: ServicesDep
 ) -> dict[str, Any]:
-    done = await services.apps.update_model_config(app_id, **body.model_dump())
+    done = await services.apps.update_model_config(app_id, **body.model_dump(exclude_unset=True))
     return answer(done, id=done.value.id)
 
 

@@ -11,11 +11,13 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from fastapi import FastAPI
 
 from examples.llm_platform.app import Platform, open_platform
 from examples.llm_platform.cache import MemoryCache
 from examples.llm_platform.db import create_engine
 from examples.llm_platform.events import AppWasCreated
+from examples.llm_platform.models import AppModelConfig
 from examples.llm_platform.web import create_web_app
 
 from .conftest import lifespan_in_a_task
@@ -28,6 +30,7 @@ pytestmark = pytest.mark.asyncio
 class Client:
     http: httpx.AsyncClient
     platform: Platform
+    web: FastAPI
     tenant_id: str = ""
     account_id: str = ""
 
@@ -54,7 +57,7 @@ async def client(tmp_path: Path) -> AsyncIterator[Client]:
         opened.append(web.state.platform)
         transport = httpx.ASGITransport(app=web)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            client = Client(http, opened[0])
+            client = Client(http, opened[0], web)
             client.tenant_id = (await client.ok("POST", "/tenants", {"name": "Acme"}, 201))["id"]
             account = {"name": "Ann", "email": "ann@acme.test", "interface_language": "fr-FR"}
             client.account_id = (
@@ -196,7 +199,163 @@ async def test_bad_input_is_a_4xx_with_a_json_error(
 
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
-    assert "error" in response.json() or "detail" in response.json()
+    assert_error_shape(response.json())
+
+
+def assert_error_shape(body: dict[str, Any]) -> None:
+    """Every error response: ``{"error": str, "fields": [{"field": str, "message": str}]}``."""
+    assert set(body) == {"error", "fields"}, body
+    assert isinstance(body["error"], str) and body["error"]
+    for field in body["fields"]:
+        assert set(field) == {"field", "message"}, field
+        assert all(isinstance(value, str) and value for value in field.values())
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body", "fields"),
+    [
+        ("POST", "/tenants", {"name": ""}, ["name"]),
+        ("POST", "/tenants", "not an object", ["body"]),
+        ("POST", "/tenants", None, ["body"]),
+        ("POST", "/datasets/d/documents", {"file_ids": ["ok", ""]}, ["file_ids[1]"]),
+        (
+            "POST",
+            "/apps",
+            {"tenant_id": "t", "account_id": "a", "name": "Bot", "mode": "robot"},
+            ["mode"],
+        ),
+    ],
+)
+async def test_a_422_names_the_invalid_fields(
+    client: Client, method: str, url: str, body: Any, fields: list[str]
+) -> None:
+    response = await client.http.request(method, url, json=body)
+
+    assert response.status_code == 422, response.text
+    assert_error_shape(response.json())
+    assert [field["field"] for field in response.json()["fields"]] == fields
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "status"),
+    [("GET", "/nowhere", 404), ("DELETE", "/tenants", 405)],
+)
+async def test_fastapis_own_errors_have_the_same_shape(
+    client: Client, method: str, url: str, status: int
+) -> None:
+    response = await client.http.request(method, url)
+
+    assert response.status_code == status
+    assert_error_shape(response.json())
+
+
+async def test_an_unexpected_error_is_a_500_of_the_same_shape(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: object) -> None:
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(client.platform.services.tenants, "create_tenant", broken)
+    transport = httpx.ASGITransport(app=client.web, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.post("/tenants", json={"name": "Acme"})
+
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal server error", "fields": []}
+
+
+FIVE_MB = 5 * 1024 * 1024
+
+
+async def test_a_body_over_the_limit_is_a_413_without_the_body(client: Client) -> None:
+    content = b'{"name": "' + b"x" * FIVE_MB + b'"}'
+
+    response = await client.http.post(
+        "/tenants", content=content, headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 413
+    assert_error_shape(response.json())
+    assert len(response.content) < 1000
+
+
+async def test_a_chunked_body_over_the_limit_is_a_413(client: Client) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"name": "'
+        for _ in range(5):
+            yield b"x" * 1024 * 1024
+        yield b'"}'
+
+    response = await client.http.post(
+        "/tenants", content=chunks(), headers={"content-type": "application/json"}
+    )
+
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413
+    assert_error_shape(response.json())
+
+
+async def test_a_body_within_the_limit_is_accepted(client: Client) -> None:
+    file = {"tenant_id": client.tenant_id, "name": "big.txt", "content": "word " * 200_000}
+
+    await client.ok("POST", "/files", file, 201)
+
+
+def listed(*entries: Any) -> dict[str, Any]:
+    """A model config's dataset configs listing ``entries``."""
+    return {"dataset_configs": {"datasets": {"datasets": list(entries)}}}
+
+
+LISTED = "dataset_configs.datasets.datasets"
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"dataset_configs": {"datasets": "garbage"}}, "dataset_configs.datasets"),
+        ({"dataset_configs": {"datasets": {"datasets": "garbage"}}}, LISTED),
+        (listed("garbage"), f"{LISTED}[0]"),
+        (listed({"dataset": {"id": ""}}), f"{LISTED}[0].dataset.id"),
+        (listed({"dataset": {"id": "x" * 37}}), f"{LISTED}[0].dataset.id"),
+        (listed({"dataset": {"enabled": True}}), f"{LISTED}[0].dataset.id"),
+        ({"agent_mode": {"tools": [{"dataset": {"id": " "}}]}}, "agent_mode.tools[0].dataset.id"),
+        ({"agent_mode": {"tools": [{"dataset": None}]}}, "agent_mode.tools[0].dataset"),
+        ({"agent_mode": {"tools": "garbage"}}, "agent_mode.tools"),
+        ({"agent_mode": "garbage"}, "agent_mode"),
+    ],
+)
+async def test_a_malformed_model_config_is_a_422_naming_the_field_and_changes_nothing(
+    client: Client, config: dict[str, Any], field: str
+) -> None:
+    app_id = await new_app(client)
+    dataset = {"tenant_id": client.tenant_id, "account_id": client.account_id, "name": "KB"}
+    dataset_id = (await client.ok("POST", "/datasets", dataset, 201))["id"]
+    await client.ok("PUT", f"/apps/{app_id}/model-config", model_config(datasets=(dataset_id,)))
+    body = {"provider": "openai", "model_id": "gpt-4o-mini", **config}
+
+    response = await client.http.put(f"/apps/{app_id}/model-config", json=body)
+
+    assert response.status_code == 422, response.text
+    assert_error_shape(response.json())
+    assert [error["field"] for error in response.json()["fields"]] == [field]
+    assert (await client.ok("GET", f"/apps/{app_id}"))["dataset_ids"] == [dataset_id]
+
+
+async def test_a_model_config_is_saved_as_sent(client: Client) -> None:
+    app_id = await new_app(client)
+    config = model_config(datasets=("d1",))
+    config["agent_mode"]["strategy"] = "function_call"
+    config["dataset_configs"]["retrieval_model"] = "multiple"
+
+    done = await client.ok("PUT", f"/apps/{app_id}/model-config", config)
+
+    async with client.platform.sessions() as session:
+        saved = await session.get(AppModelConfig, done["id"])
+    assert saved is not None
+    assert (saved.agent_mode, saved.dataset_configs) == (
+        config["agent_mode"],
+        config["dataset_configs"],
+    )
 
 
 async def test_refused_calls_on_real_rows_change_nothing(client: Client) -> None:
@@ -218,6 +377,7 @@ async def test_refused_calls_on_real_rows_change_nothing(client: Client) -> None
     ]
 
     assert [response.status_code for response in responses] == [422, 422, 422, 422, 422, 409]
-    assert all("error" in response.json() for response in responses)
+    for response in responses:
+        assert_error_shape(response.json())
     app = await client.ok("GET", f"/apps/{flow}")
     assert (app["triggers"], app["dataset_ids"], app["schedule"]) == ([], [], None)

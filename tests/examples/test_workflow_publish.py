@@ -210,3 +210,16 @@ async def test_publish_handlers_are_idempotent(harness: Harness) -> None:
         "UpdateAppTriggersWhenAppPublishedWorkflowUpdated": {},
         "UpdateAppDatasetJoinWhenAppPublishedWorkflowUpdated": {},
     }
+
+
+async def test_empty_and_malformed_knowledge_dataset_ids_are_ignored(harness: Harness) -> None:
+    app = await workflow_app(harness)
+    node = knowledge("k1", "d1")
+    node["data"]["dataset_ids"] += ["", " ", None, 7, "x" * 37]
+
+    await publish(harness, app, node, knowledge("k2", "d2"))
+
+    assert {row.dataset_id for row in await harness.rows(AppDatasetJoin, app_id=app.id)} == {
+        "d1",
+        "d2",
+    }

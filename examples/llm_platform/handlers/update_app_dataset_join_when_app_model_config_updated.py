@@ -3,35 +3,41 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from ..events import AppModelConfigWasUpdated
-from ..models import AppModelConfig
+from ..models import AppModelConfig, valid_id
 from ._common import Handler, sync_dataset_joins
 
 logger = logging.getLogger(__name__)
 
 
 def dataset_ids(config: AppModelConfig) -> set[str]:
-    """The datasets of the agent's dataset tools and of the dataset configs, as the original."""
-    ids = set()
-    for tool in config.agent_mode.get("tools") or ():
-        ids.add(_dataset_id(tool))
-    for entry in (config.dataset_configs.get("datasets") or {}).get("datasets") or ():
-        ids.add(_dataset_id(entry))
-    ids.discard(None)
-    return {str(dataset_id) for dataset_id in ids}
+    """The datasets of the agent's dataset tools and of the dataset configs, as the original.
+
+    The config is JSON as saved: a part of another shape than expected is skipped, and so is
+    an empty or malformed id (the web API refuses both with a 422; other callers may not).
+    """
+    tools = _list(_mapping(config.agent_mode).get("tools"))
+    datasets = _mapping(_mapping(config.dataset_configs).get("datasets"))
+    entries = [*tools, *_list(datasets.get("datasets"))]
+    return {dataset_id for dataset_id in map(_dataset_id, entries) if dataset_id is not None}
 
 
-def _dataset_id(entry: Any) -> Any:
+def _dataset_id(entry: object) -> str | None:
     # An entry is {"dataset": {"enabled": true, "id": ...}}; tools of other kinds are skipped.
-    if (
-        isinstance(entry, dict)
-        and list(entry) == ["dataset"]
-        and isinstance(entry["dataset"], dict)
-    ):
-        return entry["dataset"].get("id")
+    if isinstance(entry, dict) and list(entry) == ["dataset"]:
+        return valid_id(_mapping(entry["dataset"]).get("id"))
     return None
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 class UpdateAppDatasetJoinWhenAppModelConfigUpdated(Handler):
