@@ -7,7 +7,7 @@ saying what ran and what failed.
 
 from __future__ import annotations
 
-from ._background import BatchPolicy, DrainReport
+from ._background import DrainReport
 from ._bus import EventBus
 from ._dispatch import Hook
 from ._exceptions import (
@@ -19,10 +19,10 @@ from ._exceptions import (
     SubscriptionError,
 )
 from ._names import event_name, event_version
-from ._registry import Subscription
+from ._policies import BatchPolicy, Retry
 from ._result import EmitResult, HandlerError
-from ._retry import Retry
 from ._router import Router
+from ._subscription import Subscription
 
 __all__ = [
     "AioEventsError",

@@ -4,6 +4,11 @@ Everything runs in one task group that the bus owns between ``async with bus:`` 
 no task outlives the block, and no event is dropped without being reported. Workers deliver
 each queued event with `EventBus.emit`, so a background handler gets exactly the isolation,
 timeout, retry and logging of an awaited one.
+
+Workers and batch flushers each run in a shielded cancel scope of their own: a cancellation
+of the task that owns the bus (a timeout around it, a failing sibling in its task group) ends
+the owner's block, whose drain then still has workers to deliver with. Only the bus cancels
+them: when the drain is over, or at once when a handler raised a `BaseException`.
 """
 
 from __future__ import annotations
@@ -12,42 +17,29 @@ import asyncio
 import heapq
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextvars import Context, copy_context
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from ._checks import check_positive_int, check_seconds
 from ._dispatch import FINISHED, Guarded, first_step, resume_in_context
 from ._exceptions import BusStateError, QueueFullError
+from ._names import event_name
+from ._policies import BatchPolicy
 from ._result import EmitResult, HandlerError
+from ._subscription import Subscription
 
-if TYPE_CHECKING:
-    from ._registry import Subscription
-
-__all__ = ["Background", "BatchPolicy", "DrainReport"]
+__all__ = ["Background", "DrainReport"]
 
 logger = logging.getLogger("aioevents")
 _get_running_loop = asyncio._get_running_loop  # None when not on asyncio (trio)
 
 ErrorHook = Callable[[HandlerError], object]
-
-
-@dataclass(frozen=True, slots=True)
-class BatchPolicy:
-    """When to deliver to a batch handler: ``max_size`` events wait, or the oldest waited
-    ``max_wait`` seconds."""
-
-    max_size: int
-    max_wait: float
-
-    def __post_init__(self) -> None:
-        check_positive_int("max_size", self.max_size)
-        check_seconds("max_wait", self.max_wait)
+_LOGGED_EVENTS = 20  # how many undelivered events the log names one by one
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +47,10 @@ class DrainReport:
     """What stopping a running bus delivered and what it could not.
 
     ``delivered`` counts the events workers handed to their handlers (for a batch handler:
-    added to its batch). ``undelivered`` holds the events that were still queued, or whose
-    handlers (batches included) were interrupted, when the drain timed out: persist or
-    re-publish them, they are not lost.
+    added to its batch). ``undelivered`` holds the events that were still queued or batched,
+    or whose handlers were interrupted, when the drain timed out or a handler raised a
+    `BaseException`: persist or re-publish them, they are not lost. The last report of a bus
+    stays readable as `EventBus.last_drain`.
     """
 
     delivered: int
@@ -151,24 +144,35 @@ class _Batch:
     sub: Subscription
     policy: BatchPolicy
     events: list[object] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)  # when each event arrived
     arrived: anyio.Event = field(default_factory=anyio.Event)
     full: anyio.Event = field(default_factory=anyio.Event)
     lock: anyio.Lock = field(default_factory=anyio.Lock)
+    closed: bool = False  # unsubscribed: what it holds is flushed, then its task ends
 
     def add(self, event: object) -> None:
         self.events.append(event)
+        self.arrivals.append(anyio.current_time())
         self.arrived.set()
         if len(self.events) >= self.policy.max_size:
             self.full.set()
 
+    def close(self) -> None:
+        self.closed = True
+        self.arrived.set()
+        self.full.set()
+
+    def due_in(self) -> float:
+        """Seconds until the oldest event has waited ``max_wait``: a slow flush counts."""
+        return self.arrivals[0] + self.policy.max_wait - anyio.current_time()
+
     def take(self) -> list[object]:
-        taken, self.events = (
-            self.events[: self.policy.max_size],
-            self.events[self.policy.max_size :],
-        )
-        if not self.events:
+        size = self.policy.max_size
+        taken, self.events = self.events[:size], self.events[size:]
+        del self.arrivals[:size]
+        if not self.events and not self.closed:
             self.arrived = anyio.Event()
-        if len(self.events) < self.policy.max_size:
+        if len(self.events) < size and not self.closed:
             self.full = anyio.Event()
         return taken
 
@@ -191,20 +195,36 @@ class Background:
         self._queue = _PriorityQueue(queue_size)
         self._on_error = on_error
         self._task_group = anyio.create_task_group()
+        self._scopes: list[anyio.CancelScope] = []  # one shield per worker and flusher
         self._batches: dict[Subscription, _Batch] = {}
-        self._unfinished = 0  # queued or being delivered
+        self._unfinished = 0  # queued, waiting for a place, or being delivered
         self._idle = anyio.Event()
-        self._interrupted: list[object] = []
+        self._undelivered: list[object] = []  # interrupted, or failed outside any handler
+        self._fatal: BaseException | None = None  # a handler's BaseException ends it all
         self.delivered = 0
         self.accepting = False
 
     async def start(self, batch_subs: Sequence[Subscription]) -> None:
         await self._task_group.__aenter__()
         for _ in range(self._workers):
-            self._task_group.start_soon(self._work)
+            self._spawn_shielded(self._work)
         for sub in batch_subs:
             self.add_batch(sub)
         self.accepting = True
+
+    def _spawn_shielded(self, work: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        # The scope is made here, not in the task: cancelled before the task first runs, it
+        # still ends it, so nothing started by the bus can outlive close().
+        scope = anyio.CancelScope(shield=True)
+        self._scopes.append(scope)
+        self._task_group.start_soon(self._shielded, scope, work, *args)
+
+    @staticmethod
+    async def _shielded(
+        scope: anyio.CancelScope, work: Callable[..., Awaitable[None]], *args: Any
+    ) -> None:
+        with scope:
+            await work(*args)
 
     # -- queue -------------------------------------------------------------------------------
 
@@ -228,16 +248,29 @@ class Background:
             await _acquire(queue.queued, queue.queued.acquire)
             event, context = queue.pop()
             try:
-                # In the publisher's context, as emit would have run there; so is on_error.
-                step = self._deliver(event).__await__()
-                yielded = first_step(context, step)
-                if yielded is not FINISHED:
-                    await resume_in_context(context, step, yielded)
-            except anyio.get_cancelled_exc_class():
-                self._interrupted.append(event)  # its handlers were stopped by the drain timeout
-                raise
+                await self._deliver_in(context, event)
+            finally:
+                self._finished()
+
+    async def _deliver_in(self, context: Context, event: object) -> None:
+        """Deliver one event in the publisher's context, as emit would have run there."""
+        try:
+            step = self._deliver(event).__await__()
+            yielded = first_step(context, step)
+            if yielded is not FINISHED:
+                await resume_in_context(context, step, yielded)
+        except anyio.get_cancelled_exc_class():
+            self._undelivered.append(event)  # its handlers were stopped by the bus
+            raise
+        except Exception:  # not a handler's failure (those are isolated): emit itself failed
+            logger.exception("could not deliver %r; it is reported undelivered", event)
+            self._undelivered.append(event)
+        except BaseException as exc:
+            self._undelivered.append(event)
+            self._die(exc)
+            raise
+        else:
             self.delivered += 1
-            self._finished()
 
     async def _deliver(self, event: object) -> None:
         result = await self._emit(event)
@@ -261,22 +294,42 @@ class Background:
             except Exception:
                 logger.exception("the on_error hook failed on %s", error.handler_name)
 
+    def _die(self, exc: BaseException) -> None:
+        """A handler raised a BaseException: stop all delivery now, so the drain ends."""
+        if self._fatal is None:
+            self._fatal = exc
+        self.accepting = False
+        for scope in self._scopes:
+            scope.cancel()
+        self._idle.set()  # wake a drain waiting for the queue
+
     # -- batches ---------------------------------------------------------------------------
 
     def add_batch(self, sub: Subscription) -> None:
         assert sub.batch is not None
         batch = self._batches[sub] = _Batch(sub, sub.batch)
-        self._task_group.start_soon(self._flush_when_due, batch)
+        self._spawn_shielded(self._flush_when_due, batch)
+
+    def remove_batch(self, sub: Subscription) -> None:
+        """Unsubscribed while running: deliver what it holds, then end its task."""
+        batch = self._batches.get(sub)
+        if batch is not None:
+            batch.close()
 
     def feed(self, sub: Subscription, event: object) -> None:
         self._batches[sub].add(event)
 
     async def _flush_when_due(self, batch: _Batch) -> None:
-        while True:
-            await batch.arrived.wait()
-            with anyio.move_on_after(batch.policy.max_wait):
-                await batch.full.wait()
-            await self._flush(batch)
+        try:
+            while not batch.closed or batch.events:
+                await batch.arrived.wait()
+                if batch.events:
+                    with anyio.move_on_after(batch.due_in()):
+                        await batch.full.wait()
+                await self._flush(batch)
+        finally:
+            if batch.closed and not batch.events:
+                del self._batches[batch.sub]
 
     async def _flush(self, batch: _Batch) -> None:
         async with batch.lock:
@@ -287,7 +340,11 @@ class Background:
             try:  # the bus's runner: isolation, logging, hooks and max_concurrency, as in emit
                 await self._guarded()(batch.sub, events, errors)
             except anyio.get_cancelled_exc_class():
-                self._interrupted.extend(events)  # stopped by the drain timeout: reported
+                self._undelivered.extend(events)  # stopped by the bus: reported
+                raise
+            except BaseException as exc:
+                self._undelivered.extend(events)
+                self._die(exc)
                 raise
             if errors:  # every event of a failed batch is reported
                 await self._report([replace(errors[0], event=event) for event in events])
@@ -295,38 +352,73 @@ class Background:
     # -- stopping ----------------------------------------------------------------------------
 
     async def drain(self, drain_timeout: float) -> bool:
-        """Stop taking events; deliver what is queued and batched. False if time ran out."""
+        """Stop taking events; deliver what is queued and batched. False if time ran out.
+
+        Runs to a fixed point: a batch handler may emit events that fill another batch or the
+        queue again, so it goes round until a whole round found nothing to deliver. A
+        `BaseException` in a handler ends it at once.
+        """
         self.accepting = False
         with anyio.move_on_after(drain_timeout) as deadline:
-            while self._unfinished:
-                await self._idle.wait()
-            for batch in self._batches.values():
-                while batch.events:
-                    await self._flush(batch)
-                async with batch.lock:  # and wait for a flush its own task had begun
-                    pass
+            while self._fatal is None:
+                while self._unfinished and self._fatal is None:
+                    await self._idle.wait()
+                if not await self._flush_batches() and not self._unfinished:
+                    break
         return not deadline.cancelled_caught
 
-    async def close(self, drain_timeout: float, *, drained: bool) -> DrainReport:
-        """Cancel what still runs, end the task group, and report what was left."""
+    async def _flush_batches(self) -> bool:
+        """Flush every batch, and wait for flushes their own tasks had begun; True if any."""
+        flushed = False
+        for batch in list(self._batches.values()):
+            while batch.events and self._fatal is None:
+                await self._flush_caught(batch)
+                flushed = True
+            if batch.lock.locked():
+                flushed = True  # what that flush emits must be looked at again
+                async with batch.lock:
+                    pass
+        return flushed
+
+    async def _flush_caught(self, batch: _Batch) -> None:
+        # The drain runs in the owner's task: a handler's BaseException ends the drain and
+        # is raised by close(), after the report, like one raised in a worker.
+        try:
+            await self._flush(batch)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # an on_error hook's too
+            self._die(exc)
+
+    async def close(self) -> tuple[list[object], BaseException | None]:
+        """Cancel what still runs and end the task group; return what was left, and the
+        `BaseException` a handler raised, if one did."""
         self.accepting = False
+        for scope in self._scopes:
+            scope.cancel()
         self._task_group.cancel_scope.cancel()
         try:
             await self._task_group.__aexit__(None, None, None)
+        except BaseExceptionGroup:
+            if self._fatal is None:  # pragma: no cover  (every task failure goes through _die)
+                raise
         finally:
             self._queue.close()
-            report = self._report_left(drain_timeout, drained=drained)
-        return report
-
-    def _report_left(self, drain_timeout: float, *, drained: bool) -> DrainReport:
-        undelivered = [*self._interrupted, *self._queue.take_all()]
+        left = [*self._undelivered, *self._queue.take_all()]
         for batch in self._batches.values():
-            undelivered.extend(batch.events)
-        if undelivered:
-            logger.error(
-                "the bus stopped with %d undelivered events after its %ss drain timeout; "
-                "they are in the DrainReport",
-                len(undelivered),
-                drain_timeout,
-            )
-        return DrainReport(self.delivered, tuple(undelivered), timed_out=not drained)
+            left.extend(batch.events)
+        return left, self._fatal
+
+
+def log_undelivered(undelivered: Sequence[object], why: str) -> None:
+    """Name every undelivered event in the log (up to a limit), not only their count."""
+    named = ", ".join(f"{event_name(event)} {event!r}" for event in undelivered[:_LOGGED_EVENTS])
+    more = len(undelivered) - _LOGGED_EVENTS
+    logger.error(
+        "the bus stopped with %d undelivered events (%s): %s%s; bus.last_drain.undelivered "
+        "holds them, to persist or publish again",
+        len(undelivered),
+        why,
+        named,
+        f" and {more} more" if more > 0 else "",
+    )

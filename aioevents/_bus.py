@@ -12,48 +12,47 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import types
 from collections.abc import Callable, Generator, Iterable, Sequence
-from contextvars import Context, copy_context
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from contextvars import copy_context
+from typing import Any, Self, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
-from ._background import Background, BatchPolicy, DrainReport
-from ._checks import check_event_type, check_positive_int, check_seconds
+from ._background import Background, DrainReport, log_undelivered
+from ._checks import (
+    check_callable,
+    check_event_type,
+    check_positive_int,
+    check_seconds,
+    check_subscription,
+)
 from ._decorators import HandlerDecorators
 from ._dispatch import (
     FINISHED,
     Guarded,
     Hook,
-    first_step,
+    new_subscription,
     observed_runner,
     record_failure,
     record_stray_cancellation,
-    resume_in_context,
     run_guarded,
 )
 from ._exceptions import BusStateError, SubscriptionError
 from ._names import event_name
-from ._registry import (
-    Options,
-    Registry,
-    Route,
-    Subscription,
-    check_subscription,
-    handler_name,
-    is_async_handler,
-)
+from ._policies import BatchPolicy, Options, Retry
+from ._registry import Registry, Route
 from ._result import EmitResult, HandlerError
-from ._retry import Retry
-
-if TYPE_CHECKING:
-    from ._router import Router
+from ._router import Router
+from ._subscription import Subscription
 
 __all__ = ["EventBus"]
 
 E = TypeVar("E")
 _get_running_loop = asyncio._get_running_loop  # None when not on asyncio (trio)
+_current_task = asyncio.current_task
 
 
 class EventBus(HandlerDecorators):
@@ -96,15 +95,17 @@ class EventBus(HandlerDecorators):
         check_positive_int("workers", workers)
         check_positive_int("queue_size", queue_size)
         check_seconds("drain_timeout", drain_timeout)
+        check_callable("on_error", on_error, none=True)
         self._new_background = functools.partial(
             Background, workers=workers, queue_size=queue_size, on_error=on_error
         )
         self._drain_timeout = drain_timeout
         self._background: Background | None = None
+        self._last_drain: DrainReport | None = None
         self._registry = Registry()
         self._routes = self._registry.routes
         self._limiter = anyio.CapacityLimiter(max_concurrency) if max_concurrency else None
-        self._hooks: list[Hook] = [_checked_hook(hook) for hook in hooks]
+        self._hooks: list[Hook] = [_checked_hook(hook) for hook in _hook_list(hooks)]
         self._taps: list[Callable[[object], None]] = []
         self._guarded: Guarded = run_guarded
         self._update_runner()
@@ -155,18 +156,8 @@ class EventBus(HandlerDecorators):
         self, event_type: type[Any], handler: Callable[[Any], object], options: Options
     ) -> Subscription:
         check_subscription(event_type, handler)
-        sub = Subscription(
-            event_type,
-            handler,
-            options.name or handler_name(handler),
-            timeout=options.timeout,
-            once=options.once,
-            is_async=is_async_handler(handler),
-            retry=options.retry,
-            batch=options.batch,
-            order=self._registry.next_order(),
-            owner=self._registry,
-        )
+        order = self._registry.next_order()
+        sub = new_subscription(event_type, handler, options, order=order, owner=self._registry)
         self._registry.add(sub)
         if sub.batch is not None and self._background is not None:
             self._background.add_batch(sub)
@@ -179,14 +170,16 @@ class EventBus(HandlerDecorators):
             raise SubscriptionError(
                 f"{subscription.name} was subscribed on another bus; unsubscribe it there"
             )
-        self._registry.remove(subscription.origin or subscription)
+        subscription = subscription.origin or subscription
+        if self._registry.remove(subscription) and subscription.batch is not None:
+            if self._background is not None:  # what its batch holds is still delivered
+                self._background.remove_batch(subscription)
 
     def include(self, router: Router) -> tuple[Subscription, ...]:
         """Subscribe every handler of a `Router`, in the order the router recorded them."""
-        from ._router import Router
-
         _require(router, Router, "include() takes a Router")
-        return router.subscribe_all(self)
+        entries = router.entries_for(self)
+        return tuple(self._add(entry.event_type, entry.handler, entry.options) for entry in entries)
 
     # -- looking at what is subscribed --------------------------------------------------------
 
@@ -230,6 +223,8 @@ class EventBus(HandlerDecorators):
         With ``strict=True`` failures are raised, once every handler has finished, as an
         `ExceptionGroup` of the handlers' exceptions.
         """
+        if strict is not False and strict is not True:
+            raise TypeError(f"strict must be a bool, got {strict!r}")
         try:
             route = self._routes[type(event)]
         except KeyError:
@@ -241,20 +236,36 @@ class EventBus(HandlerDecorators):
             return route.ok_result
         errors: list[HandlerError] = []
         if len(subs) == 1:
-            # Inline in the emitter's task, in a copy of its context as a task would have.
+            # Inline in the emitter's task, in a copy of its context as a task would have:
+            # this loop does for the handler's coroutine what a task would. It is written out
+            # here, not in a helper, so that nested emits cost no more stack than awaits.
             sub, context = subs[0], copy_context()
             plain = self._guarded is run_guarded  # then not even the guard's coroutine
+            step = (sub.invoke(event) if plain else self._guarded(sub, event, errors)).__await__()
+            task, pending = None, 0  # the emitter's task, once the handler suspended
+            yielded = FINISHED
             try:
-                call = sub.invoke(event) if plain else self._guarded(sub, event, errors)
-                step = call.__await__()
-                yielded = first_step(context, step)
+                # next() with a default: a handler that never suspends costs no StopIteration
+                yielded = context.run(next, step, FINISHED)
+                if yielded is not FINISHED:
+                    task, pending = _cancellations()
+                    while True:
+                        try:
+                            value = await _suspend(yielded)
+                        except BaseException as exc:  # a cancellation goes on into the handler
+                            yielded = context.run(step.throw, exc)
+                        else:
+                            yielded = context.run(step.send, value)
+            except StopIteration:
+                pass
             except Exception as exc:
                 record_failure(sub, event, exc, errors)
-            except asyncio.CancelledError as exc:  # before any suspension: not the emitter's
+            except asyncio.CancelledError as exc:
+                if task is not None and task.cancelling() > pending:
+                    raise  # the emitter's own cancellation
                 record_stray_cancellation(sub, event, exc, errors)
-            else:
-                if yielded is not FINISHED:
-                    await _finish_inline(sub, event, errors, context, step, yielded)
+            if yielded is not FINISHED:
+                await _cancelled_again(task, pending)
         elif (loop := _get_running_loop()) is not None:
             await _run_on_asyncio(loop, self._guarded, subs, event, errors)
         else:
@@ -316,26 +327,47 @@ class EventBus(HandlerDecorators):
     @property
     def running(self) -> bool:
         """True between entering ``async with bus:`` and the end of its drain."""
-        return self._background is not None and self._background.accepting
+        return self._background is not None
+
+    @property
+    def last_drain(self) -> DrainReport | None:
+        """The report of the last time this bus stopped, or None if it never ran.
+
+        Leaving ``async with bus:`` has no value to return it as: read it here, for example
+        to persist or publish again the events it could not deliver.
+        """
+        return self._last_drain
 
     async def stop(self, *, drain_timeout: float | None = None) -> DrainReport:
-        """Stop taking events, deliver what is queued, and report; leaving the block does this.
+        """Stop taking events, deliver what is queued and batched, and report.
 
-        Delivery goes on, shielded from cancellation, for at most ``drain_timeout`` seconds
-        (the bus's own by default); then the rest is cancelled and returned in the
-        `DrainReport`, and logged. Call it from the task that entered the bus.
+        Leaving the block does this. Delivery goes on, shielded from cancellation, for at
+        most ``drain_timeout`` seconds (the bus's own by default); then the rest is cancelled,
+        returned in the `DrainReport` (also kept as `last_drain`) and logged. A `BaseException`
+        a handler raised ends the drain at once; it is raised here after the report is kept.
+        Call it from the task that entered the bus.
         """
         check_seconds("drain_timeout", drain_timeout, none=True)
-        background = self._require_running()
+        background = self._background
+        if background is None:
+            raise BusStateError(f"{self!r} is not running: there is nothing to stop")
         drain_timeout = drain_timeout or self._drain_timeout
         try:
             with anyio.CancelScope(shield=True):
                 drained = await background.drain(drain_timeout)
         finally:
-            self._background = None
             self._registry.set_batching(False)
         # Outside the shield: the task group was entered before it, so it is left after it.
-        return await background.close(drain_timeout, drained=drained)
+        try:
+            left, fatal = await background.close()
+        finally:
+            self._background = None
+        report = self._last_drain = DrainReport(background.delivered, tuple(left), not drained)
+        if left:
+            log_undelivered(left, _why_left(fatal, drained, drain_timeout))
+        if fatal is not None:
+            raise fatal
+        return report
 
     async def publish(self, event: object, *, priority: int = 0) -> None:
         """Queue ``event`` for background delivery and return; higher ``priority`` goes first.
@@ -359,14 +391,15 @@ class EventBus(HandlerDecorators):
             )
         return self._background
 
-    @staticmethod
-    def _check_publishable(event: object, priority: int) -> None:
+    def _check_publishable(self, event: object, priority: int) -> None:
         if isinstance(event, type):
             raise TypeError(
                 f"publish() takes an event instance, got the class {event.__qualname__}"
             )
         if type(priority) is not int:
             raise TypeError(f"priority must be an int, got {priority!r}")
+        if type(event) not in self._routes:  # a type no event may have is refused here
+            self._new_route(event)
 
     # -- for aioevents.testing ------------------------------------------------------------
 
@@ -385,33 +418,39 @@ class EventBus(HandlerDecorators):
         self._registry.set_muted(subs, muted)
 
 
-async def _finish_inline(
-    sub: Subscription,
-    event: object,
-    errors: list[HandlerError],
-    context: Context,
-    step: Generator[Any, Any, Any],
-    yielded: Any,
-) -> None:
-    """Run the rest of an inline handler; its swallowing a cancellation does not undo it.
+@types.coroutine
+def _suspend(yielded: Any) -> Generator[Any, Any, Any]:
+    """Hand what an inline handler yielded to the event loop; return what the loop sends.
 
-    A cancellation of the emitter goes on into the handler. Should the handler swallow it
-    (return, or raise something else), the emitter is still cancelled: on asyncio the task's
-    count of pending cancellations says so, and CancelledError is raised again once the
-    handler has ended. (The handler's own timeouts take back theirs, so they do not count.)
-    On trio, cancellation is level-triggered: the emitter's next checkpoint raises it anyway.
+    A handler's coroutine suspends by yielding to whoever drives it: the loop's task (an
+    asyncio future, or a trio trap). emit drives an inline handler, so it passes that on.
     """
-    task = asyncio.current_task() if _get_running_loop() is not None else None
-    pending = task.cancelling() if task is not None else 0
-    try:
-        await resume_in_context(context, step, yielded)
-    except Exception as exc:
-        record_failure(sub, event, exc, errors)
-    except asyncio.CancelledError as exc:
-        if task is None or task.cancelling() > pending:
-            raise
-        record_stray_cancellation(sub, event, exc, errors)
-    if task is not None and task.cancelling() > pending:
+    return (yield yielded)
+
+
+def _cancellations() -> tuple[asyncio.Task[Any] | None, int]:
+    """The emitter's asyncio task and its count of pending cancellations (None on trio)."""
+    if _get_running_loop() is None:
+        return None, 0
+    task = _current_task()
+    return task, task.cancelling() if task is not None else 0
+
+
+async def _cancelled_again(task: asyncio.Task[Any] | None, pending: int) -> None:
+    """Raise the emitter's cancellation if an inline handler swallowed it.
+
+    A handler may catch the cancellation thrown into it and return (or raise something
+    else); the emitter is cancelled all the same. On asyncio the task's count of pending
+    cancellations says so (a handler's own timeouts take theirs back, so they do not count):
+    an anyio cancel scope delivers its cancellation again at a checkpoint, with the message
+    that lets the scope recognise it; asyncio's own (task.cancel(), asyncio.timeout) are
+    delivered once, so a CancelledError is raised for them. On trio, cancellation is
+    level-triggered: the checkpoint raises it.
+    """
+    if task is None:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+    elif task.cancelling() > pending:
+        await anyio.lowlevel.checkpoint_if_cancelled()
         raise asyncio.CancelledError
 
 
@@ -483,11 +522,12 @@ async def _counted(guarded: Guarded, sub: Subscription, event: object, group: _C
 async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
-    while not all(task.done() for task in tasks):
-        try:
-            await asyncio.wait(tasks)
-        except asyncio.CancelledError:  # anyio repeats a scope's cancellation: keep waiting
-            continue
+    with anyio.CancelScope(shield=True):  # an anyio scope would repeat its cancellation
+        while not all(task.done() for task in tasks):
+            try:
+                await asyncio.wait(tasks)
+            except asyncio.CancelledError:  # another native cancel: they still run
+                continue
 
 
 async def _started(
@@ -500,6 +540,20 @@ async def _started(
 ) -> None:
     task_status.started()
     await guarded(sub, event, errors)
+
+
+def _why_left(fatal: BaseException | None, drained: bool, drain_timeout: float) -> str:
+    if fatal is not None:
+        return f"a handler raised {fatal!r}"
+    if not drained:
+        return f"the drain timed out after {drain_timeout}s"
+    return "their delivery failed outside any handler"
+
+
+def _hook_list(hooks: object) -> list[Hook]:
+    if isinstance(hooks, str | bytes) or not isinstance(hooks, Iterable):
+        raise TypeError(f"hooks must be an iterable of hooks (see aioevents.Hook), got {hooks!r}")
+    return list(hooks)
 
 
 def _checked_hook(hook: Hook) -> Hook:

@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from ._background import BatchPolicy
 from ._checks import check_event_type
-from ._registry import Options
-from ._retry import Retry
+from ._policies import BatchPolicy, Options, Retry
 
 __all__ = ["HandlerDecorators"]
 

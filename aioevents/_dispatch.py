@@ -6,44 +6,44 @@ trio; only how handlers are spawned differs, and that lives in `_bus`.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from contextvars import Context
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import anyio
 import anyio.to_thread
 
+from ._checks import is_async_handler
 from ._exceptions import HandlerCancelledError
-from ._names import event_name
+from ._names import event_name, handler_name
+from ._policies import Options
 from ._result import HandlerError
 from ._retry import attempts_of, with_retry
-
-if TYPE_CHECKING:
-    from ._registry import Subscription
+from ._subscription import Handler, Invoke, Subscription
 
 __all__ = [
     "FINISHED",
     "Guarded",
     "Hook",
-    "Invoke",
     "first_step",
-    "make_invoke",
+    "new_subscription",
     "observed_runner",
+    "record_failure",
     "record_stray_cancellation",
     "resume_in_context",
     "run_guarded",
 ]
 
 logger = logging.getLogger("aioevents")
+_get_running_loop = asyncio._get_running_loop  # None when not on asyncio (trio)
 
 T = TypeVar("T")
-# What a subscription awaits to run its handler: see make_invoke.
-Invoke = Callable[[Any], Coroutine[Any, Any, object]]
-Guarded = Callable[["Subscription", object, list[HandlerError]], Coroutine[Any, Any, None]]
+Guarded = Callable[[Subscription, object, list[HandlerError]], Coroutine[Any, Any, None]]
 
 
 class Hook(Protocol):
@@ -68,18 +68,36 @@ class Hook(Protocol):
     ) -> None: ...
 
 
-def make_invoke(sub: Subscription) -> Invoke:
-    """Build the awaitable call for a subscription: retry around offload or timeout."""
-    invoke = _make_attempt(sub)
-    return invoke if sub.retry is None else with_retry(invoke, sub.retry)
+def new_subscription(
+    event_type: type, handler: Handler, options: Options, *, order: int, owner: object
+) -> Subscription:
+    """Make the subscription record, with the call that runs its handler built once."""
+    name = options.name or handler_name(handler)
+    is_async = is_async_handler(handler)
+    return Subscription(
+        event_type=event_type,
+        handler=handler,
+        name=name,
+        timeout=options.timeout,
+        once=options.once,
+        is_async=is_async,
+        retry=options.retry,
+        batch=options.batch,
+        order=order,
+        owner=owner,
+        invoke=_make_invoke(handler, name, options, is_async=is_async),
+    )
 
 
-def _make_attempt(sub: Subscription) -> Invoke:
-    if not sub.is_async:
-        return _in_thread(sub)
-    if sub.timeout is not None:
-        return _with_timeout(sub.handler, sub.timeout)  # type: ignore[arg-type]
-    return cast(Invoke, sub.handler)  # an async handler returns its coroutine
+def _make_invoke(handler: Handler, name: str, options: Options, *, is_async: bool) -> Invoke:
+    """The awaitable call for a subscription: retry around thread offload or timeout."""
+    if not is_async:
+        invoke = _in_thread(handler, name, options.timeout)
+    elif options.timeout is not None:
+        invoke = _with_timeout(handler, options.timeout)  # type: ignore[arg-type]
+    else:
+        invoke = cast(Invoke, handler)  # an async handler returns its coroutine
+    return invoke if options.retry is None else with_retry(invoke, options.retry)
 
 
 def _with_timeout(handler: Callable[[object], Awaitable[object]], timeout: float) -> Invoke:
@@ -90,28 +108,49 @@ def _with_timeout(handler: Callable[[object], Awaitable[object]], timeout: float
     return invoke
 
 
-def _in_thread(sub: Subscription) -> Invoke:
-    timeout = sub.timeout
-
+def _in_thread(handler: Handler, name: str, timeout: float | None) -> Invoke:
     async def invoke(event: object) -> None:
         started = anyio.current_time()
         # A thread cannot be interrupted; it is waited for, so that nothing of this emit is
         # still running once emit returns, and an overrun is reported as a timeout after it.
-        await anyio.to_thread.run_sync(_call_sync, sub, event)
+        await _thread_to_its_end(_call_sync, handler, name, event)
         if timeout is not None and anyio.current_time() - started > timeout:
-            raise TimeoutError(f"sync handler {sub.name} ran longer than its {timeout}s timeout")
+            raise TimeoutError(f"sync handler {name} ran longer than its {timeout}s timeout")
 
     return invoke
 
 
-def _call_sync(sub: Subscription, event: object) -> None:
+async def _thread_to_its_end(func: Callable[..., T], *args: object) -> T:
+    """``anyio.to_thread.run_sync``, waited for to its end whatever cancels the caller.
+
+    anyio shields the wait from its own cancel scopes, but on asyncio a native
+    ``task.cancel()`` (``asyncio.timeout`` too) goes through that shield, and the thread would
+    run on after the emit returned. So on asyncio the thread is awaited from a task of its
+    own; a cancellation waits for that task, then goes on.
+    """
+    if _get_running_loop() is None:  # trio: every cancellation goes through anyio's shield
+        return await anyio.to_thread.run_sync(func, *args)
+    thread = asyncio.ensure_future(anyio.to_thread.run_sync(func, *args))
+    try:
+        return await asyncio.shield(thread)
+    except asyncio.CancelledError:
+        with anyio.CancelScope(shield=True):  # no anyio redelivery while it waits
+            while not thread.done():
+                try:
+                    await asyncio.wait([thread])
+                except asyncio.CancelledError:  # another native cancel: the thread still runs
+                    continue
+        raise
+
+
+def _call_sync(handler: Handler, name: str, event: object) -> None:
     """Run a sync handler (in the worker thread); refuse an awaitable it returns."""
-    result = sub.handler(event)
+    result = handler(event)
     if inspect.isawaitable(result):
         close = getattr(result, "close", None)
         if close is not None:  # a coroutine never awaited: close it so it does not warn later
             close()
-        raise TypeError(f"sync handler {sub.name} returned an awaitable; declare it with async def")
+        raise TypeError(f"sync handler {name} returned an awaitable; declare it with async def")
 
 
 def record_failure(

@@ -6,11 +6,12 @@ and version, never by its Python import path, so that a class can move between m
 
 from __future__ import annotations
 
+import functools
 import re
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["event_name", "event_version"]
+__all__ = ["event_name", "event_version", "handler_name"]
 
 # An uppercase letter starts a new word unless it continues a run of capitals that is itself
 # followed by a capital and a lowercase letter: HTTPRequestFailed -> http-request-failed.
@@ -68,3 +69,16 @@ def event_version(event_or_type: object) -> int:
             f"{cls.__qualname__}.__event_version__ must be an int >= 1, got {version!r}"
         )
     return version
+
+
+def handler_name(handler: object) -> str:
+    """The qualified name a handler is known by in logs, reports and listings.
+
+    A `functools.partial` is named after the function it wraps: every partial would
+    otherwise be called ``functools.partial``.
+    """
+    while isinstance(handler, functools.partial):
+        handler = handler.func
+    qualname = getattr(handler, "__qualname__", None) or type(handler).__qualname__
+    module = getattr(handler, "__module__", None) or type(handler).__module__
+    return f"{module}.{qualname}"

@@ -7,80 +7,14 @@ subscription order: that list is computed once per type and cached until the nex
 
 from __future__ import annotations
 
-import inspect
 import itertools
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable
 
-from ._background import BatchPolicy
-from ._checks import check_event_type, check_flag, check_seconds
-from ._dispatch import Invoke, make_invoke
-from ._names import event_name
+from ._checks import check_event_class
 from ._result import EmitResult
-from ._retry import Retry
+from ._subscription import Subscription
 
-__all__ = [
-    "Options",
-    "Registry",
-    "Route",
-    "Subscription",
-    "check_subscription",
-    "handler_name",
-]
-
-Handler = Callable[[Any], object]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Options:
-    """How a handler is to be run; checked when made, so a router fails where it records."""
-
-    timeout: float | None = None
-    once: bool = False
-    retry: Retry | None = None
-    batch: BatchPolicy | None = None
-    name: str | None = None  # the handler's qualified name unless given
-
-    def __post_init__(self) -> None:
-        check_seconds("timeout", self.timeout, none=True)
-        check_flag("once", self.once)
-        if self.retry is not None and not isinstance(self.retry, Retry):
-            raise TypeError(f"retry must be a Retry(...), got {self.retry!r}")
-        _check_name(self.name)
-
-
-@dataclass(frozen=True, eq=False, slots=True)
-class Subscription:
-    """A handler subscribed to an event type on one bus; pass it to `EventBus.unsubscribe`.
-
-    ``name`` is the handler's qualified name as it appears in logs and reports.
-    """
-
-    event_type: type
-    handler: Handler
-    name: str
-    timeout: float | None = None
-    once: bool = False
-    is_async: bool = True
-    retry: Retry | None = None
-    batch: BatchPolicy | None = None
-    order: int = field(default=0, repr=False)
-    # The registry that made it: unsubscribing it from another bus is a mistake to report.
-    owner: object = field(default=None, repr=False, compare=False)
-    # For the stand-in that hands a batch handler a batch of one: the batch subscription.
-    origin: Subscription | None = field(default=None, repr=False, compare=False)
-    # The awaitable call that runs the handler: the handler itself, or a wrapper that adds
-    # the thread offload and the timeout. Built once, at subscription.
-    invoke: Invoke = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "invoke", make_invoke(self))
-
-
-def _check_name(name: object) -> None:
-    if name is not None and (not isinstance(name, str) or not name):
-        raise TypeError(f"name must be a non-empty str, got {name!r}")
+__all__ = ["Registry", "Route"]
 
 
 class Route:
@@ -116,49 +50,14 @@ def _one_event_batch(sub: Subscription) -> Subscription:
         await batch_invoke([event])
 
     return Subscription(
-        sub.event_type, deliver_one, sub.name, order=sub.order, owner=sub.owner, origin=sub
+        event_type=sub.event_type,
+        handler=deliver_one,
+        name=sub.name,
+        order=sub.order,
+        owner=sub.owner,
+        origin=sub,
+        invoke=deliver_one,
     )
-
-
-def handler_name(handler: object) -> str:
-    """The qualified name a handler is known by in logs, reports and listings."""
-    qualname = getattr(handler, "__qualname__", None) or type(handler).__qualname__
-    module = getattr(handler, "__module__", None) or type(handler).__module__
-    return f"{module}.{qualname}"
-
-
-def is_async_handler(handler: Handler) -> bool:
-    if inspect.iscoroutinefunction(handler):
-        return True
-    call = getattr(type(handler), "__call__", None)  # noqa: B004  (the class's, not the object's)
-    return not inspect.isroutine(handler) and inspect.iscoroutinefunction(call)
-
-
-def check_subscription(event_type: object, handler: object) -> None:
-    """Refuse, with a message that says what to fix, what could never be dispatched."""
-    check_event_type(event_type)
-    event_name(event_type)  # a bad __event_name__ is found here, not when a failure is logged
-    if not callable(handler):
-        raise TypeError(f"a handler must be callable, got {handler!r}")
-    call = getattr(type(handler), "__call__", None)  # noqa: B004  (the class's, as Python calls it)
-    if any(
-        inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f) for f in (handler, call)
-    ):
-        raise TypeError(
-            f"handler {handler_name(handler)} is a generator function: calling it only makes "
-            f"a generator, its body would never run; use a plain or async def function"
-        )
-    try:
-        signature = inspect.signature(handler)
-    except (TypeError, ValueError):  # some builtins and C callables have no signature to read
-        return
-    try:
-        signature.bind(object())
-    except TypeError:
-        raise TypeError(
-            f"handler {handler_name(handler)}{signature} cannot take the event as its one "
-            f"positional argument"
-        ) from None
 
 
 class Registry:
@@ -170,8 +69,11 @@ class Registry:
         self._muted: set[Subscription] = set()
         self.observed = False
         self.batching = False
-        # Read directly by the bus's hot path; cleared in place so that reference stays valid.
+        # Read directly by the bus's hot path; changed in place so that reference stays valid.
         self.routes: dict[type, Route] = {}
+        # For each class, the cached concrete types whose MRO holds it: a change to the
+        # subscriptions of one class drops only the routes it is part of.
+        self._dependents: dict[type, set[type]] = {}
 
     def next_order(self) -> int:
         """The position of the next subscription: dispatch order follows it."""
@@ -179,7 +81,7 @@ class Registry:
 
     def add(self, sub: Subscription) -> None:
         self._by_type.setdefault(sub.event_type, []).append(sub)
-        self.routes.clear()
+        self._invalidate(sub.event_type)
 
     def remove(self, sub: Subscription) -> bool:
         subs = self._by_type.get(sub.event_type, [])
@@ -189,26 +91,28 @@ class Registry:
         if not subs:
             del self._by_type[sub.event_type]
         self._muted.discard(sub)
-        self.routes.clear()
+        self._invalidate(sub.event_type)
         return True
 
     def __contains__(self, sub: Subscription) -> bool:
         return sub in self._by_type.get(sub.event_type, ())
 
     def set_muted(self, subs: Iterable[Subscription], muted: bool) -> None:
+        subs = tuple(subs)
         if muted:
             self._muted.update(subs)
         else:
             self._muted.difference_update(subs)
-        self.routes.clear()
+        for sub in subs:
+            self._invalidate(sub.event_type)
 
     def set_observed(self, observed: bool) -> None:
         self.observed = observed
-        self.routes.clear()
+        self._invalidate_all()
 
     def set_batching(self, batching: bool) -> None:
         self.batching = batching
-        self.routes.clear()
+        self._invalidate_all()
 
     def all(self) -> tuple[Subscription, ...]:
         """Every subscription, in subscription order."""
@@ -220,10 +124,23 @@ class Registry:
         return tuple(sorted(subs, key=_order_key))
 
     def route(self, event_type: type) -> Route:
+        """Resolve and cache the route of a concrete type; refuse a type that is no event's."""
+        check_event_class(event_type)
         subs = tuple(sub for sub in self.matching(event_type) if sub not in self._muted)
         route = Route(subs, observed=self.observed, batching=self.batching)
         self.routes[event_type] = route
+        for cls in event_type.__mro__:
+            self._dependents.setdefault(cls, set()).add(event_type)
         return route
+
+    def _invalidate(self, changed: type) -> None:
+        # A type in the set may have been dropped already through another base: harmless.
+        for event_type in self._dependents.pop(changed, ()):
+            self.routes.pop(event_type, None)
+
+    def _invalidate_all(self) -> None:
+        self.routes.clear()
+        self._dependents.clear()
 
 
 def _order_key(sub: Subscription) -> int:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ._registry import Subscription
+from ._subscription import Subscription
 
 __all__ = ["EmitResult", "HandlerError"]
 

@@ -10,25 +10,22 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from ._background import BatchPolicy
+from ._checks import check_subscription
 from ._decorators import HandlerDecorators
 from ._exceptions import SubscriptionError
-from ._registry import Options, check_subscription
-from ._retry import Retry
+from ._policies import BatchPolicy, Options, Retry
 
-if TYPE_CHECKING:
-    from ._bus import EventBus
-    from ._registry import Subscription
-
-__all__ = ["Router"]
+__all__ = ["Router", "RouterEntry"]
 
 E = TypeVar("E")
 
 
 @dataclass(frozen=True, slots=True)
-class _Entry:
+class RouterEntry:
+    """One recorded handler: what `EventBus.include` subscribes."""
+
     event_type: type
     handler: Callable[[Any], object]
     options: Options
@@ -37,18 +34,21 @@ class _Entry:
 class Router(HandlerDecorators):
     """Records handlers for later inclusion into a bus with `EventBus.include`.
 
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class Pinged: ...
     >>> router = Router()
-    >>> @router.on(int)
-    ... async def on_int(event: int) -> None: ...
+    >>> @router.on(Pinged)
+    ... async def on_ping(event: Pinged) -> None: ...
     >>> from aioevents import EventBus
     >>> bus = EventBus()
     >>> [sub.name for sub in bus.include(router)]
-    ['aioevents._router.on_int']
+    ['aioevents._router.on_ping']
     """
 
     def __init__(self, *routers: Router) -> None:
-        self._entries: list[_Entry] = []
-        self._included_in: weakref.WeakSet[EventBus] = weakref.WeakSet()
+        self._entries: list[RouterEntry] = []
+        self._included_in: weakref.WeakSet[Any] = weakref.WeakSet()  # the buses
         for router in routers:
             self.add_router(router)
 
@@ -92,23 +92,22 @@ class Router(HandlerDecorators):
         self, event_type: type[Any], handler: Callable[[Any], object], options: Options
     ) -> None:
         check_subscription(event_type, handler)
-        self._entries.append(_Entry(event_type, handler, options))
+        self._entries.append(RouterEntry(event_type, handler, options))
 
     def add_router(self, router: Router) -> None:
         """Record every handler of another router after this one's."""
         _require_router(router, "add_router()")
         self._entries.extend(router._entries)
 
-    def subscribe_all(self, bus: EventBus) -> tuple[Subscription, ...]:
+    def entries_for(self, bus: object) -> tuple[RouterEntry, ...]:
+        """What ``bus`` is to subscribe; refused when it has included this router already."""
         if bus in self._included_in:
             raise SubscriptionError(
                 f"{self!r} is already included in {bus!r}; including it again would run "
                 f"each of its handlers twice per event"
             )
         self._included_in.add(bus)
-        return tuple(
-            bus._add(entry.event_type, entry.handler, entry.options) for entry in self._entries
-        )
+        return tuple(self._entries)
 
 
 def _require_router(value: object, what: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar, overload
 
 from ._bus import EventBus
 from ._exceptions import SubscriptionError
-from ._registry import Subscription
+from ._subscription import Subscription
 
 __all__ = ["CapturedEvents", "capture", "muted"]
 
@@ -75,11 +75,15 @@ def capture(bus: EventBus) -> Iterator[CapturedEvents]:
     """Record every event emitted on ``bus`` within the block; handlers still run.
 
     >>> import anyio
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class Pinged:
+    ...     number: int
     >>> bus = EventBus()
     >>> with capture(bus) as events:
-    ...     _ = anyio.run(bus.emit, 42)
-    >>> events.assert_emitted(int)
-    42
+    ...     _ = anyio.run(bus.emit, Pinged(42))
+    >>> events.assert_emitted(Pinged)
+    Pinged(number=42)
     """
     captured = CapturedEvents()
     bus._add_tap(captured._record)

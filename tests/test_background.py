@@ -216,11 +216,17 @@ async def test_bad_publish_input_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("setting", "value"),
-    [("workers", 0), ("queue_size", -1), ("drain_timeout", 0), ("workers", 2.0)],
+    ("setting", "value", "error"),
+    [
+        ("workers", 0, ConfigurationError),
+        ("queue_size", -1, ConfigurationError),
+        ("drain_timeout", 0, ConfigurationError),
+        ("workers", 2.0, TypeError),
+        ("drain_timeout", "5", TypeError),
+    ],
 )
-def test_background_settings_are_checked(setting: str, value: object) -> None:
-    with pytest.raises(ConfigurationError, match=setting):
+def test_background_settings_are_checked(setting: str, value: object, error: type) -> None:
+    with pytest.raises(error, match=setting):
         EventBus(**{setting: value})  # type: ignore[arg-type]
 
 

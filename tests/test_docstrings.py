@@ -10,7 +10,7 @@ import pytest
 MODULES = [
     "aioevents._bus",
     "aioevents._names",
-    "aioevents._retry",
+    "aioevents._policies",
     "aioevents._router",
     "aioevents.testing",
 ]
