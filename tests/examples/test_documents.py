@@ -7,6 +7,7 @@ from sqlalchemy import update
 
 from aioevents.testing import capture, muted
 from examples.llm_platform.events import DocumentIndexCreated, DocumentWasDeleted
+from examples.llm_platform.handlers import create_document_index
 from examples.llm_platform.handlers.create_document_index import CreateDocumentIndex
 from examples.llm_platform.models import Document, DocumentSegment, UploadFile
 
@@ -58,6 +59,40 @@ async def test_a_failing_document_is_marked_error_and_the_others_are_indexed(
     assert (empty.indexing_status, empty.error) == ("error", "the document has no text to index")
     assert good.indexing_status == "completed"
     assert await harness.rows(DocumentSegment, document_id=empty.id) == []
+
+
+async def test_an_unexpected_indexing_error_is_logged_at_error_with_its_traceback(
+    harness: Harness, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(text: str) -> list[str]:
+        raise RuntimeError("the splitter crashed")
+
+    monkeypatch.setattr(create_document_index, "split_text", crash)
+    dataset_id = await dataset(harness)
+
+    [document] = await add_documents(harness, dataset_id, TEXT)
+
+    assert (document.indexing_status, document.error) == ("error", "the splitter crashed")
+    [record] = [r for r in caplog.records if r.name == create_document_index.__name__]
+    assert record.levelname == "ERROR"
+    assert record.getMessage() == (
+        f"indexing document {document.id} failed: RuntimeError('the splitter crashed')"
+    )
+    assert record.exc_info is not None and record.exc_info[1] is not None
+    assert str(record.exc_info[1]) == "the splitter crashed"
+
+
+async def test_a_document_without_text_is_a_warning_without_a_traceback(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The document's own problem, which its error says: not a failure of the platform.
+    [document] = await add_documents(harness, await dataset(harness), "  ")
+
+    [record] = [r for r in caplog.records if r.name == create_document_index.__name__]
+    assert (record.levelname, record.exc_info) == ("WARNING", None)
+    assert record.getMessage() == (
+        f"document {document.id} not indexed: the document has no text to index"
+    )
 
 
 async def test_a_paused_document_is_skipped_with_an_info_log(

@@ -2,9 +2,11 @@
 
 Each document goes through its own transactions: 'parsing' with a start time is committed
 first, so the state is visible while it runs; then its segments and 'completed'. A failure
-marks that document 'error' with the message and the others go on. A paused document is
-skipped. Only a 'waiting' document (or one left 'parsing' by a crash) is indexed: running
-twice indexes nothing twice, and an 'error' stays for the user to retry.
+marks that document 'error' with the message and the others go on: the document's own
+problem (its file is gone, it has no text) is a warning; any other error is logged at ERROR
+with its traceback, as the original does since it stopped swallowing indexing errors. A
+paused document is skipped. Only a 'waiting' document (or one left 'parsing' by a crash) is
+indexed: running twice indexes nothing twice, and an 'error' stays for the user to retry.
 """
 
 from __future__ import annotations
@@ -36,15 +38,22 @@ def split_text(text: str, max_chars: int = SEGMENT_MAX_CHARS) -> list[str]:
     return segments
 
 
+class NotIndexable(Exception):
+    """Raised when a document cannot be indexed through no fault of the platform."""
+
+
 class CreateDocumentIndex(Handler):
     async def __call__(self, event: DocumentIndexCreated) -> None:
         for document_id in event.document_ids:
             if await self._start(document_id):
                 try:
                     await self._index(document_id)
+                except NotIndexable as exc:
+                    logger.warning("document %s not indexed: %s", document_id, exc)
+                    await self._fail(document_id, exc)
                 except Exception as exc:
                     # The document records the failure; the handler itself goes on and succeeds.
-                    logger.warning("indexing document %s failed: %r", document_id, exc)
+                    logger.exception("indexing document %s failed: %r", document_id, exc)
                     await self._fail(document_id, exc)
 
     async def _start(self, document_id: str) -> bool:
@@ -68,10 +77,10 @@ class CreateDocumentIndex(Handler):
                 return
             upload = await session.get(UploadFile, document.upload_file_id or "")
             if upload is None:
-                raise LookupError(f"the uploaded file {document.upload_file_id} is gone")
+                raise NotIndexable(f"the uploaded file {document.upload_file_id} is gone")
             texts = split_text(upload.content)
             if not texts:
-                raise ValueError("the document has no text to index")
+                raise NotIndexable("the document has no text to index")
             session.add_all(
                 _segment(document, position, text) for position, text in enumerate(texts, 1)
             )
