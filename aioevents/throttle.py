@@ -18,27 +18,33 @@ releasing twice) does nothing, so the caller never needs to check before releasi
 Backends:
 
 - `MemoryThrottle`: one process, one event loop; for embedded use and tests.
-- `RedisThrottle`: every process sharing a Redis server. A claim is one ``SET key token NX PX ms``
-  (atomic, one round trip); release deletes the key only if it still holds this claim's token.
-  When Redis fails or does not answer within a short timeout, the claim is granted anyway with
-  ``fallback=True``: a throttle that is down must not stop the work it only rate-limits.
+- `RedisThrottle`: every process sharing a Redis server. A claim is redis-py's own asyncio
+  ``Lock``, acquired without blocking: one ``SET key token NX PX ms`` (atomic, one round trip);
+  release deletes the key only if it still holds this claim's token. When Redis fails or does
+  not answer within a short timeout, the claim is granted anyway with ``fallback=True``: a
+  throttle that is down must not stop the work it only rate-limits. Load is not an outage:
+  however many claims run at once, each waits for one of the throttle's connections, and one
+  that gets none in time is denied (``saturations``), never granted twice.
 
 The fail-open machinery is public for other Redis helpers: `redis_fallback` wraps an async
 function so Redis and network errors (and its own timeout) return a default instead, counted
 and logged by a `FallbackCounter` at most once per interval. Any other exception propagates.
 
-This module imports ``redis`` only when a Redis error must be recognised, so `MemoryThrottle`
-works without the ``redis`` extra; ``aioevents`` itself never imports this module.
+This module imports ``redis`` only when a `RedisThrottle` is built or a Redis error must be
+recognised, so `MemoryThrottle` works without the ``redis`` extra; ``aioevents`` itself never
+imports this module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, Protocol, TypeVar, final, runtime_checkable
 
 import anyio
@@ -50,6 +56,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_PREFIX",
     "DEFAULT_TIMEOUT",
     "Claim",
@@ -65,19 +72,15 @@ logger = logging.getLogger("aioevents.throttle")
 DEFAULT_PREFIX: Final = "aioevents:throttle:"
 DEFAULT_TIMEOUT: Final = 0.25
 """Seconds a Redis call may take before it counts as failed; short, as a handler waits on it."""
+DEFAULT_MAX_CONNECTIONS: Final = 50
+"""The most Redis calls a `RedisThrottle` has in flight, unless its client's pool is smaller.
+
+Below redis-py's default pool of 100, so a client shared with a cache keeps connections for it.
+"""
 
 P = ParamSpec("P")
 R = TypeVar("R")
 D = TypeVar("D")
-
-# Deletes the key only while it still holds the caller's token: after the window expired and
-# another worker claimed the key, a late release must not delete that worker's claim.
-_RELEASE_SCRIPT: Final = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-    return redis.call('del', KEYS[1])
-end
-return 0
-"""
 
 
 @final
@@ -143,6 +146,7 @@ class MemoryThrottle:
     _PRUNE_MIN: Final = 1024
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        _check_callable("clock", clock)
         self._clock = clock
         self._claims: dict[str, tuple[object, float]] = {}  # key -> (owner token, expires at)
         self._prune_at = self._PRUNE_MIN
@@ -174,13 +178,25 @@ class MemoryThrottle:
 
 
 class RedisThrottle:
-    """A `Throttle` shared by every process using one Redis server; fails open.
+    """A `Throttle` shared by every process using one Redis server; fails open on an outage.
 
     ``redis`` is a ``redis.asyncio.Redis`` client, which the caller owns and closes. Keys are
-    stored as ``prefix + key``. Each Redis call has ``timeout`` seconds; a call that fails with
-    a Redis or network error or times out grants the claim with ``fallback=True``, and is
-    counted and logged by ``counter`` (by default a fresh `FallbackCounter` named
-    ``"RedisThrottle"``, warning at most once a minute). ``fallbacks`` is that count.
+    stored as ``prefix + key``. A claim is redis-py's own `redis.asyncio.lock.Lock`, acquired
+    without blocking: ``SET key token NX PX window``; release runs its compare-and-delete script.
+
+    ``timeout`` bounds each wait of a claim or release: for one of the throttle's connections,
+    then for Redis's answer (so a claim takes at most twice ``timeout``).
+
+    - Redis fails, is unreachable, or does not answer in time: the claim is granted with
+      ``fallback=True``, counted and logged by ``counter`` (by default a fresh `FallbackCounter`
+      named ``"RedisThrottle"``, warning at most once a minute). ``fallbacks`` is that count.
+    - Redis is fine but this process is not: at most ``max_connections`` calls are in flight
+      (default: the client's pool size, at most 50). A claim that finds none free within
+      ``timeout``, or whose client pool is exhausted by other users (redis-py's
+      ``MaxConnectionsError``), is *denied*, as if another worker held the window: load must
+      never grant a key twice. It is counted in ``saturations`` and logged at most once per
+      ``counter.warn_interval`` as the throttle's own saturation, not as a Redis failure.
+      Only while Redis's last answer was a failure does such a claim fall back instead.
     """
 
     def __init__(
@@ -190,20 +206,29 @@ class RedisThrottle:
         prefix: str = DEFAULT_PREFIX,
         timeout: float = DEFAULT_TIMEOUT,
         counter: FallbackCounter | None = None,
+        max_connections: int | None = None,
     ) -> None:
+        lock_class, not_owned = _redis_lock()
+        _check_client(redis)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
-        _check_seconds("timeout", timeout)
+        self._timeout = _check_seconds("timeout", timeout)
+        _check_instance("counter", counter, FallbackCounter)
         self.prefix = prefix
         self.counter = counter if counter is not None else FallbackCounter("RedisThrottle")
+        self.max_connections = _connections_for(redis, max_connections)
+        self.saturations = 0
+        self._saturation_warned_at: float | None = None
         self._redis = redis
-        self._release_script = redis.register_script(_RELEASE_SCRIPT)
-        self._set_nx = redis_fallback(default=None, timeout=timeout, counter=self.counter)(
-            self._set_nx_unguarded
+        self._lock_class = lock_class
+        self._not_owned = not_owned
+        self._slots = anyio.CapacityLimiter(self.max_connections)
+        self._redis_failing = False  # whether Redis's last answer was a failure
+        guard = redis_fallback(
+            default=None, timeout=timeout, counter=self.counter, on_error=self._failed
         )
-        self._delete_own = redis_fallback(default=False, timeout=timeout, counter=self.counter)(
-            self._delete_own_unguarded
-        )
+        self._acquire = guard(self._acquire_unguarded)
+        self._release_lock = guard(self._release_unguarded)
 
     @property
     def fallbacks(self) -> int:
@@ -212,27 +237,147 @@ class RedisThrottle:
 
     async def claim(self, key: str, window: float) -> Claim:
         milliseconds = max(1, round(_check_claim(key, window) * 1000))
-        redis_key, token = self.prefix + key, secrets.token_hex(16)
-        granted = await self._set_nx(redis_key, token, milliseconds)
+        # Lock truncates int(seconds * 1000); half a millisecond more gives back exactly these.
+        lock = self._lock_class(
+            self._redis,
+            self.prefix + key,
+            timeout=(milliseconds + 0.5) / 1000,
+            blocking=False,
+            thread_local=False,  # one lock per claim, released by whichever task holds it
+        )
+        granted = await self._ask(self._acquire, lock, secrets.token_hex(16))
         if granted is None:
             return Claim(key, granted=True, fallback=True)
         if not granted:
             return Claim(key, granted=False)
-        releaser = functools.partial(self._release, redis_key, token)
-        return Claim(key, granted=True, releaser=releaser)
+        return Claim(key, granted=True, releaser=functools.partial(self._release, lock))
 
-    async def _release(self, redis_key: str, token: str) -> bool:
-        # Release is clean-up, often run while the caller is being cancelled; the timeout
-        # bounds how long the shield can hold the caller.
+    async def _release(self, lock: Any) -> bool:
+        # Release is clean-up, often run while the caller is being cancelled; the timeouts
+        # bound how long the shield can hold the caller.
         with anyio.CancelScope(shield=True):
-            released = await self._delete_own(redis_key, token)
+            released = await self._ask(self._release_lock, lock)
+        return bool(released)
+
+    async def _ask(
+        self, call: Callable[..., Awaitable[bool | None]], lock: Any, *args: str
+    ) -> bool | None:
+        """Make one Redis call on a connection slot: its answer, or None to fail open."""
+        borrower = object()  # not the task: one task may hold several claims' releases
+        acquired = False
+        with anyio.move_on_after(self._timeout):
+            await self._slots.acquire_on_behalf_of(borrower)
+            acquired = True
+        if not acquired:
+            slots, timeout = self.max_connections, self._timeout
+            return self._no_connection(
+                f"none of its {slots} connections came free within {timeout:g}s"
+            )
+        try:
+            return await call(lock, *args)
+        except _PoolExhausted:
+            return self._no_connection("its client's connection pool was exhausted by other users")
+        finally:
+            self._slots.release_on_behalf_of(borrower)
+
+    def _no_connection(self, why: str) -> bool | None:
+        if self._redis_failing:
+            # Waiting behind calls to a Redis that fails: an outage after all, so fail open.
+            self.counter.record(TimeoutError(f"{why} while Redis calls were failing"))
+            return None
+        self.saturations += 1
+        self._warn_saturated(why)
+        return False
+
+    def _warn_saturated(self, why: str) -> None:
+        now, interval = self.counter._clock(), self.counter.warn_interval
+        warned_at = self._saturation_warned_at
+        if warned_at is not None and now - warned_at < interval:
+            return
+        self._saturation_warned_at = now
+        logger.warning(
+            "%s denied a claim: %s. Redis was answering: this process's own load, not an "
+            "outage; raise max_connections or timeout, or give the throttle a client of its "
+            "own (%d saturations so far; next warning in %gs at the earliest)",
+            self.counter.name,
+            why,
+            self.saturations,
+            interval,
+            extra={"fallback_name": self.counter.name, "saturations": self.saturations},
+        )
+
+    def _failed(self, exc: Exception) -> None:
+        self._redis_failing = True
+
+    async def _acquire_unguarded(self, lock: Any, token: str) -> bool:
+        with _pool_exhaustion():
+            acquired = bool(await lock.acquire(token=token))
+        self._redis_failing = False
+        return acquired
+
+    async def _release_unguarded(self, lock: Any) -> bool:
+        try:
+            with _pool_exhaustion():
+                await lock.release()
+        except self._not_owned:  # a RedisError, but an answer: the window expired, maybe
+            released = False  # claimed again since, and that claim is someone else's
+        else:
+            released = True
+        self._redis_failing = False
         return released
 
-    async def _set_nx_unguarded(self, redis_key: str, token: str, milliseconds: int) -> bool:
-        return bool(await self._redis.set(redis_key, token, nx=True, px=milliseconds))
 
-    async def _delete_own_unguarded(self, redis_key: str, token: str) -> bool:
-        return bool(await self._release_script(keys=[redis_key], args=[token]))
+class _PoolExhausted(Exception):
+    """The client's own pool had no connection: not a Redis or network error, so not absorbed."""
+
+
+@contextlib.contextmanager
+def _pool_exhaustion() -> Iterator[None]:
+    from redis.exceptions import MaxConnectionsError
+
+    try:
+        yield
+    except MaxConnectionsError as exc:
+        raise _PoolExhausted(str(exc)) from exc
+
+
+def _redis_lock() -> tuple[type[Any], type[Exception]]:
+    try:
+        from redis.asyncio.lock import Lock
+        from redis.exceptions import LockNotOwnedError
+    except ImportError as missing:
+        raise ModuleNotFoundError(
+            f"RedisThrottle needs redis-py ({missing}): install the extra with "
+            f"pip install 'aioevents[redis]'",
+            name=missing.name,
+        ) from missing
+    return Lock, LockNotOwnedError
+
+
+def _check_client(redis: object) -> None:
+    from redis.asyncio import Redis
+
+    if isinstance(redis, Redis):
+        return
+    hint = ""
+    if type(redis).__module__.startswith("redis.") and hasattr(redis, "connection_pool"):
+        hint = " (the synchronous client? use redis.asyncio.Redis)"
+    raise TypeError(f"RedisThrottle() takes a redis.asyncio.Redis client, got {redis!r}{hint}")
+
+
+def _connections_for(redis: Redis, max_connections: object) -> int:
+    if max_connections is None:
+        pool_size = getattr(redis.connection_pool, "max_connections", None)
+        if isinstance(pool_size, int) and pool_size > 0:
+            return min(pool_size, DEFAULT_MAX_CONNECTIONS)
+        return DEFAULT_MAX_CONNECTIONS
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+        raise TypeError(
+            f"max_connections must be an int or None, not {type(max_connections).__name__}"
+        )
+    if max_connections < 1:
+        raise ConfigurationError(f"max_connections must be 1 or more, got {max_connections!r}")
+    return max_connections
 
 
 class FallbackCounter:
@@ -250,7 +395,10 @@ class FallbackCounter:
         warn_interval: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"FallbackCounter name must be a str, not {type(name).__name__}")
         _check_seconds("warn_interval", warn_interval, allow_zero=True)
+        _check_callable("clock", clock)
         self.name = name
         self.warn_interval = warn_interval
         self.count = 0
@@ -265,7 +413,8 @@ class FallbackCounter:
             return
         self._warned_at = now
         logger.warning(
-            "%s failed open after %s (%d fallbacks so far; next warning in %gs at the earliest)",
+            "%s failed open after %s: Redis failed, is unreachable or did not answer in time "
+            "(%d fallbacks so far; next warning in %gs at the earliest)",
             self.name,
             _describe(exc),
             self.count,
@@ -297,8 +446,12 @@ def redis_fallback(
     """
     if timeout is not None:
         _check_seconds("timeout", timeout)
+    _check_instance("counter", counter, FallbackCounter)
+    if on_error is not None:
+        _check_callable("on_error", on_error)
 
     def decorate(func: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R | D]]:
+        _check_async_function(func)
         failures = counter
         if failures is None:
             failures = FallbackCounter(getattr(func, "__qualname__", repr(func)))
@@ -335,6 +488,23 @@ def _absorbed_errors() -> tuple[type[Exception], ...]:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _check_callable(name: str, value: object) -> None:
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {value!r}")
+
+
+def _check_instance(name: str, value: object, kind: type) -> None:
+    if value is not None and not isinstance(value, kind):
+        raise TypeError(f"{name} must be a {kind.__name__} or None, got {value!r}")
+
+
+def _check_async_function(func: object) -> None:
+    # A plain function would fail only when called, with "can't be used in 'await'".
+    sync_def = inspect.isfunction(func) and not inspect.iscoroutinefunction(func)
+    if sync_def or not callable(func):
+        raise TypeError(f"redis_fallback() decorates an async function, got {func!r}")
 
 
 def _check_claim(key: str, window: float) -> float:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import assert_type
 
@@ -70,14 +70,16 @@ def throttle_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecor
     return [r for r in caplog.records if r.name == "aioevents.throttle"]
 
 
-async def claim_concurrently(throttles: list[Throttle], key: str) -> list[Claim]:
+async def claim_concurrently(
+    throttles: Sequence[Throttle], key: str, count: int = CONCURRENT_CLAIMS
+) -> list[Claim]:
     claims: list[Claim] = []
 
     async def claim_one(throttle: Throttle) -> None:
         claims.append(await throttle.claim(key, 60))
 
     async with anyio.create_task_group() as tg:
-        for i in range(CONCURRENT_CLAIMS):
+        for i in range(count):
             tg.start_soon(claim_one, throttles[i % len(throttles)])
     return claims
 
@@ -94,13 +96,24 @@ def prefix() -> str:
 
 
 @pytest_asyncio.fixture
-async def redis_client(redis_url: str, prefix: str) -> AsyncIterator[Redis]:
+async def own_keys(redis_url: str, prefix: str) -> AsyncIterator[str]:
+    """This test's prefix on the shared Redis; afterwards its keys, and only those, are deleted."""
+    yield prefix
     client = Redis.from_url(redis_url)
     try:
-        yield client
         keys = [key async for key in client.scan_iter(match=prefix + "*")]
         if keys:
             await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def redis_client(redis_url: str, own_keys: str) -> AsyncIterator[Redis]:
+    """A client of the shared Redis, with the default pool (at most 100 connections)."""
+    client = Redis.from_url(redis_url)
+    try:
+        yield client
     finally:
         await client.aclose()
 
@@ -300,16 +313,92 @@ async def test_bad_claim_input_is_refused(
     assert issubclass(ConfigurationError, ValueError)
 
 
+def not_async(key: str) -> bool:
+    return False
+
+
 @pytest.mark.asyncio
-async def test_redis_throttle_refuses_bad_configuration(unreachable_client: Redis) -> None:
-    with pytest.raises(TypeError, match="prefix must be a str"):
-        RedisThrottle(unreachable_client, prefix=None)  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError, match="timeout must be finite and more than zero"):
-        RedisThrottle(unreachable_client, timeout=0)
-    with pytest.raises(ConfigurationError, match="warn_interval must be finite and zero or more"):
-        FallbackCounter(warn_interval=-1)
-    with pytest.raises(TypeError, match="timeout must be a number of seconds"):
-        redis_fallback(default=None, timeout="1")  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    ("arguments", "error", "match"),
+    [
+        pytest.param(
+            {"redis": 5}, TypeError, "takes a redis.asyncio.Redis client, got 5", id="redis"
+        ),
+        pytest.param(
+            {"redis": redis.Redis()}, TypeError, "the synchronous client", id="redis-sync"
+        ),
+        pytest.param({"prefix": None}, TypeError, "prefix must be a str", id="prefix"),
+        pytest.param({"timeout": "1"}, TypeError, "timeout must be a number", id="timeout-type"),
+        pytest.param({"timeout": 0}, ConfigurationError, "timeout must be finite", id="timeout"),
+        pytest.param(
+            {"counter": "c"}, TypeError, "counter must be a FallbackCounter or None", id="counter"
+        ),
+        pytest.param(
+            {"max_connections": 1.5},
+            TypeError,
+            "max_connections must be an int or None, not float",
+            id="max_connections-type",
+        ),
+        pytest.param(
+            {"max_connections": 0},
+            ConfigurationError,
+            "max_connections must be 1 or more, got 0",
+            id="max_connections",
+        ),
+    ],
+)
+async def test_redis_throttle_refuses_bad_arguments(
+    unreachable_client: Redis, arguments: dict[str, object], error: type[Exception], match: str
+) -> None:
+    arguments = {"redis": unreachable_client, **arguments}
+    with pytest.raises(error, match=match):
+        RedisThrottle(**arguments)  # type: ignore[arg-type]
+
+
+def test_memory_throttle_refuses_a_clock_that_is_not_callable() -> None:
+    with pytest.raises(TypeError, match=r"clock must be callable, got 0\.0"):
+        MemoryThrottle(clock=0.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "match"),
+    [
+        pytest.param({"name": 5}, TypeError, "FallbackCounter name must be a str", id="name"),
+        pytest.param(
+            {"warn_interval": -1},
+            ConfigurationError,
+            "warn_interval must be finite and zero or more",
+            id="warn_interval",
+        ),
+        pytest.param({"clock": 1}, TypeError, "clock must be callable, got 1", id="clock"),
+    ],
+)
+def test_fallback_counter_refuses_bad_arguments(
+    arguments: dict[str, object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        FallbackCounter(**arguments)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        pytest.param({"timeout": "1"}, "timeout must be a number of seconds", id="timeout"),
+        pytest.param(
+            {"counter": "cache"}, "counter must be a FallbackCounter or None", id="counter"
+        ),
+        pytest.param({"on_error": "log"}, "on_error must be callable, got 'log'", id="on_error"),
+    ],
+)
+def test_redis_fallback_refuses_bad_arguments(arguments: dict[str, object], match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        redis_fallback(default=None, **arguments)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("func", [not_async, "forget"], ids=["sync-function", "not-callable"])
+def test_redis_fallback_refuses_to_decorate_what_is_not_an_async_function(func: object) -> None:
+    with pytest.raises(TypeError, match=r"redis_fallback\(\) decorates an async function, got"):
+        redis_fallback(default=False)(func)  # type: ignore[arg-type]
 
 
 # RedisThrottle against the real server
@@ -317,7 +406,8 @@ async def test_redis_throttle_refuses_bad_configuration(unreachable_client: Redi
 
 @pytest.mark.redis
 @pytest.mark.asyncio
-async def test_redis_concurrent_claims_grant_exactly_one(redis_url: str, prefix: str) -> None:
+async def test_redis_concurrent_claims_grant_exactly_one(redis_url: str, own_keys: str) -> None:
+    prefix = own_keys
     clients = [Redis.from_url(redis_url) for _ in range(4)]  # four "workers", own connections
     try:
         throttles: list[Throttle] = [
@@ -348,9 +438,12 @@ async def test_redis_claim_sets_the_prefixed_key_for_the_window(
 @pytest.mark.asyncio
 async def test_redis_default_prefix(redis_client: Redis) -> None:
     key = f"aioevents-test-{uuid.uuid4().hex}"
-    claim = await RedisThrottle(redis_client, timeout=SLACK).claim(key, 5)
-    assert await redis_client.exists(DEFAULT_PREFIX + key)
-    assert await claim.release()
+    try:
+        claim = await RedisThrottle(redis_client, timeout=SLACK).claim(key, 5)
+        assert await redis_client.exists(DEFAULT_PREFIX + key)
+        assert await claim.release()
+    finally:
+        await redis_client.delete(DEFAULT_PREFIX + key)  # the one key outside this test's prefix
 
 
 @pytest.mark.redis
@@ -401,13 +494,19 @@ async def test_redis_late_release_keeps_the_next_owners_claim(
     assert await current.release()
 
 
-@pytest.mark.redis
 @pytest.mark.asyncio
-async def test_redis_release_reloads_a_flushed_script(redis_client: Redis, prefix: str) -> None:
-    throttle = RedisThrottle(redis_client, prefix=prefix, timeout=SLACK)
-    claim = await throttle.claim("k", 300)
-    await redis_client.script_flush()  # as after a server restart or failover
-    assert await claim.release()
+async def test_redis_release_reloads_a_flushed_script(
+    redis_server: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    client = client_for(redis_server[1])  # SCRIPT FLUSH is server-wide: never on the shared one
+    try:
+        throttle = RedisThrottle(client, timeout=SLACK)
+        claim = await throttle.claim("k", 300)
+        await client.script_flush()  # as after a server restart or failover
+        assert await claim.release()
+        assert not await client.exists(DEFAULT_PREFIX + "k")
+    finally:
+        await client.aclose()
     assert throttle.fallbacks == 0
 
 
@@ -424,6 +523,116 @@ async def test_redis_non_redis_errors_propagate(
     with pytest.raises(ValueError, match="a bug, not an outage"):
         await throttle.claim("k", 300)
     assert throttle.fallbacks == 0
+
+
+# Load is not an outage: more concurrent claims than connections
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
+@pytest.mark.parametrize("concurrent", [200, 500])
+async def test_more_concurrent_claims_than_the_pool_holds_grant_exactly_one(
+    redis_client: Redis, own_keys: str, concurrent: int
+) -> None:
+    # One client with redis-py's default pool of 100 connections, as most applications have.
+    throttle = RedisThrottle(redis_client, prefix=own_keys, timeout=SLACK)
+    claims = await claim_concurrently([throttle], "hot", concurrent)
+    assert len(claims) == concurrent
+    assert sum(claim.granted for claim in claims) == 1
+    assert (throttle.fallbacks, throttle.saturations) == (0, 0)
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_a_claim_that_gets_no_connection_in_time_is_denied_without_blaming_redis(
+    redis_client: Redis, own_keys: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="aioevents.throttle")
+    throttle = RedisThrottle(redis_client, prefix=own_keys, timeout=0.1, max_connections=1)
+    busy = object()
+    await throttle._slots.acquire_on_behalf_of(busy)  # its one connection, busy throughout
+
+    claim = await throttle.claim("k", 300)
+
+    throttle._slots.release_on_behalf_of(busy)
+    assert (claim.granted, claim.fallback) == (False, False)
+    assert (throttle.saturations, throttle.fallbacks) == (1, 0)
+    assert not await redis_client.exists(own_keys + "k")
+    [warning] = throttle_warnings(caplog)
+    message = warning.getMessage()
+    assert message.startswith(
+        "RedisThrottle denied a claim: none of its 1 connections came free within 0.1s."
+    )
+    assert "Redis was answering: this process's own load, not an outage" in message
+    assert "failed open" not in message
+    assert (await throttle.claim("k", 300)).granted  # a free connection: back to normal
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_a_client_pool_exhausted_by_other_users_denies_without_blaming_redis(
+    redis_url: str, own_keys: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="aioevents.throttle")
+    client = Redis.from_url(redis_url, max_connections=1)
+    try:
+        throttle = RedisThrottle(client, prefix=own_keys, timeout=SLACK)
+        assert throttle.max_connections == 1  # never more than the client's pool
+        pool = client.connection_pool
+        held = await pool.get_connection()  # type: ignore[no-untyped-call]  # another user
+        try:
+            claim = await throttle.claim("k", 300)
+        finally:
+            await pool.release(held)
+        assert (await throttle.claim("k", 300)).granted
+    finally:
+        await client.aclose()
+    assert (claim.granted, claim.fallback) == (False, False)
+    assert (throttle.saturations, throttle.fallbacks) == (1, 0)
+    [warning] = throttle_warnings(caplog)
+    assert "its client's connection pool was exhausted" in warning.getMessage()
+    assert "not an outage" in warning.getMessage()
+
+
+@pytest.mark.asyncio
+async def test_no_connection_in_time_while_redis_fails_falls_back(
+    unreachable_client: Redis,
+) -> None:
+    throttle = RedisThrottle(unreachable_client, timeout=0.1, max_connections=1)
+    assert (await throttle.claim("k", 300)).fallback  # Redis's last answer: a failure
+    busy = object()
+    await throttle._slots.acquire_on_behalf_of(busy)
+    try:
+        claim = await throttle.claim("k", 300)
+    finally:
+        throttle._slots.release_on_behalf_of(busy)
+    assert (claim.granted, claim.fallback) == (True, True)
+    assert (throttle.fallbacks, throttle.saturations) == (2, 0)
+
+
+@pytest.mark.asyncio
+async def test_a_killed_redis_server_fails_open_and_the_warning_blames_redis(
+    redis_server: tuple[subprocess.Popen[bytes], int], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, port = redis_server
+    caplog.set_level(logging.WARNING, logger="aioevents.throttle")
+    client = client_for(port)
+    try:
+        throttle = RedisThrottle(client, timeout=SLACK)
+        held = await throttle.claim("hot", 300)
+        assert (held.granted, held.fallback) == (True, False)
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(timeout=10)
+
+        claims = await claim_concurrently([throttle], "hot", CONCURRENT_CLAIMS)
+    finally:
+        await client.aclose()
+    assert all(claim.granted and claim.fallback for claim in claims)
+    assert (throttle.fallbacks, throttle.saturations) == (CONCURRENT_CLAIMS, 0)
+    [warning] = throttle_warnings(caplog)
+    message = warning.getMessage()
+    assert message.startswith("RedisThrottle failed open after ConnectionError")
+    assert "Redis failed, is unreachable or did not answer in time" in message
 
 
 # Failing open
@@ -642,7 +851,8 @@ async def test_redis_fallback_names_its_own_counter_after_the_function(
     [warning] = throttle_warnings(caplog)
     assert warning.getMessage().startswith(
         "test_redis_fallback_names_its_own_counter_after_the_function.<locals>"
-        ".delete_cached_page failed open after ConnectionError (1 fallbacks so far"
+        ".delete_cached_page failed open after ConnectionError: Redis failed, is unreachable "
+        "or did not answer in time (1 fallbacks so far"
     )
 
 
@@ -668,6 +878,26 @@ def without_redis(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.mark.usefixtures("without_redis")
 def test_without_redis_installed_only_network_errors_are_absorbed() -> None:
     assert _absorbed_errors() == (OSError,)
+
+
+def test_without_redis_installed_the_redis_throttle_names_the_extra_to_install() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['redis'] = None  # as if the extra were not installed\n"
+        "import anyio\n"
+        "from aioevents.throttle import MemoryThrottle, RedisThrottle\n"
+        "assert anyio.run(MemoryThrottle().claim, 'k', 1).granted\n"
+        "try:\n"
+        "    RedisThrottle(object())\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print(exc.name, '|', exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.startswith("redis")  # the missing module's name, as ImportError gives it
+    assert "| RedisThrottle needs redis-py" in done.stdout
+    assert "pip install 'aioevents[redis]'" in done.stdout
 
 
 def test_importing_aioevents_does_not_import_the_throttle_or_redis() -> None:
