@@ -74,8 +74,7 @@ except ImportError:  # pragma: no cover  (SQLAlchemy 2.0 only has the name 2.1 d
 
 from ._bus import EventBus
 from ._exceptions import AioEventsError
-from ._names import event_name
-from ._registry import handler_name
+from ._names import event_name, handler_name
 from ._result import EmitResult
 
 __all__ = ["NoTransactionError", "Outcome", "Recorded", "TransactionalEvents"]
