@@ -15,3 +15,6 @@ class MessageWasCreated:
     model: str
     message_tokens: int
     answer_tokens: int
+    # The app's mode: only chat and agent-chat messages charge their provider. "chat" when
+    # not given, the mode of most messages.
+    app_mode: str = "chat"

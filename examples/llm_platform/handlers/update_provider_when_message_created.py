@@ -60,6 +60,9 @@ from ._common import Handler
 
 logger = logging.getLogger(__name__)
 
+CHARGED_APP_MODES: Final = frozenset({"chat", "agent-chat"})
+"""The apps whose messages charge their provider and mark it used, as in the original."""
+
 LAST_USED_WINDOW: Final = 300.0
 """Seconds between two writes of a provider's ``last_used``, as in the original."""
 
@@ -117,6 +120,9 @@ class ProviderUsageHandler(Handler):
         self._statements: dict[str, Statements] = {}  # by dialect name
 
     async def apply(self, events: Sequence[MessageWasCreated]) -> None:
+        events = [event for event in events if event.app_mode in CHARGED_APP_MODES]
+        if not events:
+            return
         claims = {
             key: await self.deps.throttle.claim(throttle_key(key), self.last_used_window)
             for key in sorted({(event.tenant_id, event.provider) for event in events})

@@ -67,6 +67,7 @@ class MessageService(Service):
                 model=config.model_id,
                 message_tokens=message.message_tokens,
                 answer_tokens=message.answer_tokens,
+                app_mode=app.mode,
             )
             if not in_background:
                 uow.record(created)
