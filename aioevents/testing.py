@@ -7,7 +7,7 @@ some of its handlers switched off, for a test that wants the emitter without the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar, overload
 
 from ._bus import EventBus
@@ -70,8 +70,7 @@ def _has_fields(event: object, fields: dict[str, Any]) -> bool:
     return all(getattr(event, name, _MISSING) == value for name, value in fields.items())
 
 
-@contextmanager
-def capture(bus: EventBus) -> Iterator[CapturedEvents]:
+def capture(bus: EventBus) -> AbstractContextManager[CapturedEvents]:
     """Record every event emitted on ``bus`` within the block; handlers still run.
 
     >>> import anyio
@@ -85,6 +84,12 @@ def capture(bus: EventBus) -> Iterator[CapturedEvents]:
     >>> events.assert_emitted(Pinged)
     Pinged(number=42)
     """
+    _check_bus("capture", bus)  # now, not when the block is entered
+    return _capture(bus)
+
+
+@contextmanager
+def _capture(bus: EventBus) -> Iterator[CapturedEvents]:
     captured = CapturedEvents()
     bus._add_tap(captured._record)
     try:
@@ -93,13 +98,30 @@ def capture(bus: EventBus) -> Iterator[CapturedEvents]:
         bus._remove_tap(captured._record)
 
 
-@contextmanager
-def muted(bus: EventBus, *handlers: Subscription | Callable[..., object]) -> Iterator[None]:
+def muted(
+    bus: EventBus, *handlers: Subscription | Callable[..., object]
+) -> AbstractContextManager[None]:
     """Within the block, the given handlers (functions or subscriptions) do not run.
 
     A function mutes every subscription of it on ``bus``. Naming a handler that is not
     subscribed raises `SubscriptionError`: a typo must not pass as a muted handler.
     """
+    _check_bus("muted", bus)
+    for handler in handlers:
+        if not isinstance(handler, Subscription) and not callable(handler):
+            raise TypeError(f"muted() takes handlers or subscriptions, got {handler!r}")
+    return _muted(bus, handlers)
+
+
+def _check_bus(helper: str, bus: object) -> None:
+    if not isinstance(bus, EventBus):
+        raise TypeError(f"{helper}() takes an EventBus, got {bus!r}")
+
+
+@contextmanager
+def _muted(
+    bus: EventBus, handlers: tuple[Subscription | Callable[..., object], ...]
+) -> Iterator[None]:
     subs = [sub for handler in handlers for sub in _subscriptions_of(bus, handler)]
     bus._set_muted(subs, True)
     try:

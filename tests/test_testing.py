@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import pytest
 
@@ -94,3 +96,18 @@ async def test_muting_a_handler_that_is_not_subscribed_is_refused() -> None:
         muted(bus, foreign),
     ):
         pass
+
+
+@pytest.mark.parametrize("helper", [capture, muted], ids=["capture", "muted"])
+def test_helpers_refuse_what_is_not_a_bus(
+    helper: Callable[..., AbstractContextManager[object]],
+) -> None:
+    with pytest.raises(TypeError, match=rf"{helper.__name__}\(\) takes an EventBus, got 5"):
+        helper(5)
+
+
+def test_muted_refuses_what_is_neither_a_handler_nor_a_subscription() -> None:
+    with pytest.raises(
+        TypeError, match=r"muted\(\) takes handlers or subscriptions, got 'sends_mail'"
+    ):
+        muted(EventBus(), "sends_mail")  # type: ignore[arg-type]
