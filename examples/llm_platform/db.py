@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -20,17 +20,35 @@ DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///llm_platform.sqlite3"
 SessionFactory = async_sessionmaker[AsyncSession]
 
 
-def create_engine(url: str, *, search_path: str | None = None) -> AsyncEngine:
-    """An engine for ``url``; ``search_path`` puts PostgreSQL tables in that schema."""
-    if url.startswith("sqlite"):
-        return _sqlite_engine(url)
+# URL schemes without a driver, as libpq and most platforms write them, and the async driver
+# the example installs for each: SQLAlchemy would pick a synchronous one (psycopg2, pysqlite).
+_ASYNC_DRIVERS = {
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+}
+
+
+def async_url(url: str | URL) -> URL:
+    """``url`` with the example's async driver if it names none: ``postgresql://...`` and
+    ``postgres://...`` use asyncpg, ``sqlite://...`` aiosqlite; a URL naming a driver is kept."""
+    parsed = make_url(url)
+    return parsed.set(drivername=_ASYNC_DRIVERS.get(parsed.drivername, parsed.drivername))
+
+
+def create_engine(url: str | URL, *, search_path: str | None = None) -> AsyncEngine:
+    """An engine for ``url`` (see `async_url`); ``search_path`` puts PostgreSQL tables in
+    that schema."""
+    parsed = async_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(parsed)
     connect_args: dict[str, Any] = {}
     if search_path is not None:
         connect_args["server_settings"] = {"search_path": search_path}
-    return create_async_engine(url, connect_args=connect_args)
+    return create_async_engine(parsed, connect_args=connect_args)
 
 
-def _sqlite_engine(url: str) -> AsyncEngine:
+def _sqlite_engine(url: URL) -> AsyncEngine:
     # Handlers run concurrently, each in its own transaction. SQLite's default deferred
     # transactions let two readers both try to upgrade to writers, and one then fails at once
     # with "database is locked"; BEGIN IMMEDIATE takes the write lock up front so writers
