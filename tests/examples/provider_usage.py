@@ -3,7 +3,8 @@
 ``python -m tests.examples.provider_usage URL SCHEMA REDIS_URL PREFIX SEED START COUNT`` emits
 messages START .. START+COUNT-1 of SEED for the provider ``openai`` of `TENANT` from 8 tasks,
 through the per-message handler on Redis and PostgreSQL, and prints a JSON line: how many
-emits failed and how many ``last_used`` UPDATEs this process ran.
+emits failed, how many ``last_used`` UPDATEs this process ran, and how its throttle answered
+(claims granted by Redis, granted as fallbacks, denied as saturated).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioevents import EmitResult, EventBus
+from aioevents.throttle import Claim, RedisThrottle
 from examples.llm_platform.cache import MemoryCache
 from examples.llm_platform.db import create_engine, session_factory
 from examples.llm_platform.deps import Deps
@@ -103,11 +105,32 @@ async def emit_concurrently(
     return results
 
 
+class CountingThrottle(PlatformThrottle):
+    """A `PlatformThrottle` that counts how its claims were answered."""
+
+    def __init__(self, platform: PlatformThrottle) -> None:
+        super().__init__(platform.throttle, platform._redis)
+        self.granted = 0  # by Redis: at most one per key and window, whatever the load
+        self.fallback_granted = 0  # without Redis: each of these may write too
+
+    async def claim(self, key: str, window: float) -> Claim:
+        claim = await super().claim(key, window)
+        if claim.granted and claim.fallback:
+            self.fallback_granted += 1
+        elif claim.granted:
+            self.granted += 1
+        return claim
+
+    @property
+    def saturations(self) -> int:
+        return self.throttle.saturations if isinstance(self.throttle, RedisThrottle) else 0
+
+
 async def work(argv: Sequence[str]) -> dict[str, int]:
     url, schema, redis_url, prefix, seed, start, count = argv
     engine = create_engine(url, search_path=schema)
     counter = StatementCounter(engine)
-    throttle = PlatformThrottle.redis(redis_url, prefix=prefix)
+    throttle = CountingThrottle(PlatformThrottle.redis(redis_url, prefix=prefix))
     try:
         deps = Deps(session_factory(engine), MemoryCache(), throttle)
         bus = EventBus()
@@ -116,8 +139,14 @@ async def work(argv: Sequence[str]) -> dict[str, int]:
     finally:
         await throttle.aclose()
         await engine.dispose()
-    failed = sum(not result.ok for result in results)
-    return {"emitted": len(results), "failed": failed, "last_used_writes": len(counter.last_used)}
+    return {
+        "emitted": len(results),
+        "failed": sum(not result.ok for result in results),
+        "last_used_writes": len(counter.last_used),
+        "granted": throttle.granted,
+        "fallback_granted": throttle.fallback_granted,
+        "saturations": throttle.saturations,
+    }
 
 
 if __name__ == "__main__":
