@@ -27,14 +27,30 @@ from .uow import Done
 T = TypeVar("T")
 
 
+HANDLERS_PACKAGE = "examples.llm_platform.handlers."
+
+
 def short_name(handler: str) -> str:
-    """The handler's module name: the name the original gave the handler."""
-    parts = handler.split(".")
-    return parts[-2] if len(parts) > 1 else handler
+    """A platform handler's module name, the name the original gave the handler; another
+    handler's (one a test adds) own name."""
+    if handler.startswith(HANDLERS_PACKAGE):
+        return handler.removeprefix(HANDLERS_PACKAGE).split(".", 1)[0]
+    return handler.rsplit(".", 1)[-1]
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 event``, ``2 events``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def counted(count: int, kind: str) -> str:
+    """A change counted: ``kind`` is a plural noun and a verb, ``rows created``."""
+    noun, verb = kind.rsplit(" ", 1)
+    return f"{plural(count, noun.removesuffix('s'))} {verb}"
 
 
 def describe(changes: dict[str, int]) -> str:
-    return ", ".join(f"{count} {kind}" for kind, count in changes.items()) or "no change"
+    return ", ".join(counted(count, kind) for kind, count in changes.items()) or "no change"
 
 
 @dataclass
@@ -43,6 +59,9 @@ class Report:
 
     recorder: ChangeRecorder
     events: CapturedEvents
+    # Handler name -> its place among the bus's subscriptions. An event's handlers run
+    # concurrently and finish in any order: they are listed in this one, the same every run.
+    order: dict[str, int] = field(default_factory=dict)
     failures: int = 0
     _seen_runs: int = 0
     _seen_events: int = 0
@@ -59,8 +78,8 @@ class Report:
         return done.value
 
     def _print_event(self, event: object, runs: list[HandlerRun]) -> None:
-        print(f"  {event_name(event)}: {len(runs)} handler(s)")
-        for run in runs:
+        print(f"  {event_name(event)}: {plural(len(runs), 'handler')}")
+        for run in sorted(runs, key=self._place):
             self._total(run)
             if run.error is None:
                 outcome = describe(run.changes)
@@ -69,6 +88,9 @@ class Report:
             status = "ok " if run.error is None else "ERR"
             took = f"{run.duration * 1000:7.1f} ms"
             print(f"    {status} {short_name(run.handler):<60} {took}  {outcome}")
+
+    def _place(self, run: HandlerRun) -> tuple[int, str]:
+        return self.order.get(run.handler, len(self.order)), run.handler
 
     def _total(self, run: HandlerRun) -> None:
         totals = self._totals[short_name(run.handler)]
@@ -88,12 +110,21 @@ class Report:
             cells = " ".join(f"{totals[column]:>9}" for column in columns)
             print(f"{handler:<60} {cells} {totals['us'] / 1000:>8.1f}")
         runs = sum(totals["runs"] for totals in self._totals.values())
-        print(f"\n{len(self.events)} events, {runs} handler runs, {self.failures} failed")
+        events = plural(len(self.events), "event")
+        print(f"\n{events}, {plural(runs, 'handler run')}, {self.failures} failed")
+
+
+def subscription_order(platform: Platform) -> dict[str, int]:
+    """Each handler's place among the bus's subscriptions, by its first subscription."""
+    order: dict[str, int] = {}
+    for subscription in platform.bus.subscriptions:
+        order.setdefault(subscription.name, len(order))
+    return order
 
 
 async def run_demo(platform: Platform, recorder: ChangeRecorder) -> int:
     with capture(platform.bus) as events:
-        report = Report(recorder, events)
+        report = Report(recorder, events, subscription_order(platform))
         await run_scenario(platform.services, report.step, platform.cache.set)
     report.print_summary()
     return 1 if report.failures else 0

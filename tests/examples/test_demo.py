@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 
-from examples.llm_platform.demo import main, run_demo
-from examples.llm_platform.events import DocumentWasDeleted
+from examples.llm_platform.demo import describe, main, plural, run_demo, short_name
+from examples.llm_platform.events import DocumentWasDeleted, TenantWasUpdated
 
 from .conftest import Harness
-
-pytestmark = pytest.mark.asyncio
 
 EVERY_HANDLER = [
     "clean_when_dataset_deleted",
@@ -47,6 +46,7 @@ def totals(summary: str, handler: str) -> list[int]:
     return [int(cell) for cell in row.split()[1:7]]
 
 
+@pytest.mark.asyncio
 async def test_the_demo_runs_green_on_sqlite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -60,6 +60,7 @@ async def test_the_demo_runs_green_on_sqlite(
     assert_every_handler_ran_green(output)
 
 
+@pytest.mark.asyncio
 async def test_the_demo_runs_green_on_the_test_platform(
     harness: Harness, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -69,6 +70,7 @@ async def test_the_demo_runs_green_on_the_test_platform(
     assert_every_handler_ran_green(capsys.readouterr().out)
 
 
+@pytest.mark.asyncio
 async def test_the_demo_fails_when_a_handler_fails(
     harness: Harness, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -82,3 +84,76 @@ async def test_the_demo_fails_when_a_handler_fails(
     output = capsys.readouterr().out
     assert "FAILED RuntimeError('storage unreachable')" in output
     assert output.rstrip().endswith("13 events, 20 handler runs, 1 failed")
+
+
+@pytest.mark.asyncio
+async def test_an_events_handlers_are_listed_in_subscription_order(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The first subscribed finishes last: listed by finishing, they would come out reversed.
+    second_done = anyio.Event()
+
+    async def first_subscribed(event: TenantWasUpdated) -> None:
+        with anyio.move_on_after(10):  # only a guard: the second one sets it at once
+            await second_done.wait()
+
+    async def second_subscribed(event: TenantWasUpdated) -> None:
+        second_done.set()
+
+    harness.bus.subscribe(TenantWasUpdated, first_subscribed)
+    harness.bus.subscribe(TenantWasUpdated, second_subscribed)
+
+    assert await run_demo(harness.platform, harness.recorder) == 0
+
+    listed = handlers_listed(capsys.readouterr().out)
+    assert listed["tenant-was-updated"] == [["first_subscribed", "second_subscribed"]]
+    order = [short_name(sub.name) for sub in harness.bus.subscriptions]
+    for runs in listed.values():
+        for names in runs:
+            assert names == sorted(names, key=order.index)
+
+
+@pytest.mark.asyncio
+async def test_two_runs_list_the_same_handlers_in_the_same_order(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await run_demo(harness.platform, harness.recorder) == 0
+    first = handlers_listed(capsys.readouterr().out)
+    assert await run_demo(harness.platform, harness.recorder) == 0
+
+    assert handlers_listed(capsys.readouterr().out) == first
+
+
+def handlers_listed(output: str) -> dict[str, list[list[str]]]:
+    """Per event name, the handler names each of its emits listed, in the order printed."""
+    listed: dict[str, list[list[str]]] = {}
+    names: list[str] = []
+    for line in output.split("\nhandler ", 1)[0].splitlines():
+        if line.startswith("  ") and not line.startswith("    "):  # "  event-name: 2 handlers"
+            names = []
+            listed.setdefault(line.strip().split(":")[0], []).append(names)
+        elif line.startswith("    "):  # "    ok  handler_name   1.2 ms  ..."
+            names.append(line.split()[1])
+    return listed
+
+
+@pytest.mark.parametrize(
+    ("changes", "described"),
+    [
+        ({"rows created": 1}, "1 row created"),
+        ({"rows created": 2, "rows updated": 1}, "2 rows created, 1 row updated"),
+        ({"cache keys deleted": 1}, "1 cache key deleted"),
+        ({"cache keys deleted": 3}, "3 cache keys deleted"),
+        ({}, "no change"),
+    ],
+)
+def test_changes_are_counted_in_proper_plurals(changes: dict[str, int], described: str) -> None:
+    assert describe(changes) == described
+
+
+def test_counts_of_things_use_proper_plurals() -> None:
+    assert [plural(count, "handler") for count in (0, 1, 2)] == [
+        "0 handlers",
+        "1 handler",
+        "2 handlers",
+    ]
