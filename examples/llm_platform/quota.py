@@ -68,3 +68,18 @@ HOSTED: Final = QuotaPolicy()
 TRIAL_QUOTAS: Final[Mapping[str, int]] = {"anthropic": 200, "openai": 200}
 """The hosted providers a new tenant may try, and how many messages (the ``trial`` quota
 type counts `QuotaUnit.TIMES`) each trial allows."""
+
+
+HOSTED_PLUGINS: Final = "langgenius/"
+"""The organisation of the original's own provider plugins, whose providers the provider rows
+name without it."""
+
+
+def provider_name(name: str) -> str:
+    """The name of the provider row that ``name`` means: a plugin-style name of the original's
+    own plugins, ``langgenius/openai/openai`` (organisation/plugin/provider), is the provider
+    ``openai``, as the original treats the two; any other name is kept."""
+    parts = name.split("/")
+    if name.startswith(HOSTED_PLUGINS) and len(parts) == 3 and parts[2]:
+        return parts[2]
+    return name

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..events import AppModelConfigWasUpdated, AppWasCreated
 from ..models import Account, App, AppModelConfig, Tenant
+from ..quota import provider_name
 from ..uow import Done
 from ._base import Service, get_or_404
 from .errors import Invalid
@@ -60,7 +61,7 @@ class AppService(Service):
                 raise Invalid(f"a {app.mode} app is configured by its workflow, not a model config")
             config = AppModelConfig(
                 app_id=app.id,
-                provider=provider,
+                provider=provider_name(provider),  # the provider row's name, which messages charge
                 model_id=model_id,
                 agent_mode=agent_mode or {},
                 dataset_configs=dataset_configs or {},
