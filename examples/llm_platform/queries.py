@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Any
 
 from sqlalchemy import select
@@ -40,9 +41,18 @@ async def app_view(session: AsyncSession, app_id: str) -> dict[str, Any]:
         "site": None if site is None else _site(site),
         "dataset_ids": sorted(datasets),
         "triggers": sorted((_trigger(trigger) for trigger in triggers), key=lambda t: t["node_id"]),
-        "schedule": None
-        if plan is None
-        else {"cron": plan.cron_expression, "timezone": plan.timezone},
+        "schedule": None if plan is None else _schedule(plan),
+    }
+
+
+def _schedule(plan: WorkflowSchedulePlan) -> dict[str, str | None]:
+    next_run = plan.next_run_at
+    if next_run is not None and next_run.tzinfo is None:  # SQLite keeps the UTC time, no zone
+        next_run = next_run.replace(tzinfo=UTC)
+    return {
+        "cron": plan.cron_expression,
+        "timezone": plan.timezone,
+        "next_run_at": None if next_run is None else next_run.isoformat(),
     }
 
 

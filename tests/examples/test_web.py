@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,9 @@ async def test_a_workflow_app_synced_and_published(client: Client) -> None:
     assert len(published["events"][0]["handlers"]) == 5
     app = await client.ok("GET", f"/apps/{app_id}")
     assert [trigger["node_id"] for trigger in app["triggers"]] == ["hook", "schedule"]
+    next_run = datetime.fromisoformat(app["schedule"].pop("next_run_at"))
     assert app["schedule"] == {"cron": "0 6 * * *", "timezone": "UTC"}
+    assert (next_run.hour, next_run.minute, next_run.utcoffset()) == (6, 0, timedelta(0))
     assert app["dataset_ids"] == ["d1"]
 
 
