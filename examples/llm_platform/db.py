@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -75,6 +75,29 @@ def session_factory(engine: AsyncEngine) -> SessionFactory:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
+class OutdatedSchema(RuntimeError):
+    """Raised when the database holds tables of an earlier version of the example."""
+
+
 async def create_schema(engine: AsyncEngine) -> None:
+    """Create the tables that are missing; refuse tables that lack a column (the example has
+    no migrations: a schema of an earlier version would fail later, in some handler)."""
     async with engine.begin() as connection:
         await connection.run_sync(Base.metadata.create_all)
+        missing = await connection.run_sync(_missing_columns)
+    if missing:
+        raise OutdatedSchema(
+            f"the tables are from an earlier version of the example, without {', '.join(missing)}:"
+            " delete the SQLite file or drop the PostgreSQL schema, and run again"
+        )
+
+
+def _missing_columns(connection: Connection) -> list[str]:
+    inspector = inspect(connection)
+    missing = []
+    for table in Base.metadata.sorted_tables:
+        existing = {column["name"] for column in inspector.get_columns(table.name)}
+        missing += [
+            f"{table.name}.{column.name}" for column in table.columns if column.name not in existing
+        ]
+    return missing

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from examples.llm_platform.db import async_url, create_engine
+from examples.llm_platform.db import OutdatedSchema, async_url, create_engine, create_schema
 
 
 @pytest.mark.parametrize(
@@ -46,5 +46,35 @@ async def test_a_plain_sqlite_url_connects(tmp_path: Path) -> None:
     try:
         async with engine.connect() as connection:
             assert await connection.scalar(text("SELECT 1")) == 1
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_tables_of_an_earlier_version_are_refused_with_what_to_do(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/old.sqlite3")
+    old_plans = (  # as the example made it before plans had a next_run_at
+        "CREATE TABLE workflow_schedule_plans (id VARCHAR(36) PRIMARY KEY, created_at DATETIME,"
+        " tenant_id VARCHAR(36), app_id VARCHAR(36) UNIQUE, node_id VARCHAR(64),"
+        " cron_expression VARCHAR(255), timezone VARCHAR(64))"
+    )
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text(old_plans))
+
+        with pytest.raises(
+            OutdatedSchema, match=r"without workflow_schedule_plans\.next_run_at: delete"
+        ):
+            await create_schema(engine)
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_creating_the_schema_twice_is_fine(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/twice.sqlite3")
+    try:
+        await create_schema(engine)
+        await create_schema(engine)
     finally:
         await engine.dispose()
