@@ -1,8 +1,13 @@
-"""Run the benchmark scenarios: ``python -m benchmarks [SCENARIO ...] [--quick]``."""
+"""Run the benchmark scenarios: ``python -m benchmarks [SCENARIO ...] [--quick]``.
+
+``--python 3.X=PATH`` (repeatable) adds a Python for the versions scenario: an interpreter with
+aioevents and anyio installed (the nox bench session passes every other one it finds).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -10,8 +15,16 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from time import perf_counter
 
-from . import bench_background, bench_emit, bench_isolation
-from ._timing import Settings, Verdict, close_loops
+from . import (
+    bench_background,
+    bench_emit,
+    bench_invalidation,
+    bench_isolation,
+    bench_memory,
+    bench_trio,
+    bench_versions,
+)
+from ._timing import Settings, Skipped, Verdict, close_loops
 
 # The database scenarios are imported when they run: they need the example app's
 # dependencies (SQLAlchemy, asyncpg, redis), which the in-process scenarios do not.
@@ -35,18 +48,22 @@ def _provider_usage(settings: Settings) -> Sequence[Verdict]:
     return bench_provider_usage.main(quick=settings.quick)
 
 
-# The last four need PostgreSQL (and provider-usage Redis); each says so and is skipped
+# The last three need PostgreSQL (and provider-usage Redis); each says so and is skipped
 # when it cannot reach them.
 SCENARIOS: dict[str, Callable[[Settings], Sequence[Verdict]]] = {
     "emit": bench_emit.main,
     "isolation": bench_isolation.main,
     "background": bench_background.main,
+    "trio": bench_trio.main,
+    "invalidation": bench_invalidation.main,
+    "memory": bench_memory.main,
+    "versions": bench_versions.main,
     "realistic": _realistic,
     "after-commit": _after_commit,
     "provider-usage": _provider_usage,
 }
 PACKAGES = (
-    "aioevents", "anyio", "aiosignal", "blinker", "pyee", "bubus", "uvloop",
+    "aioevents", "anyio", "aiosignal", "blinker", "pyee", "bubus", "uvloop", "trio",
     "sqlalchemy", "asyncpg", "redis",
 )  # fmt: skip
 FULL = Settings(repetitions=101, target=0.04)
@@ -64,12 +81,20 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a fast smoke run: few, short repetitions"
     )
+    parser.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        type=_python,
+        metavar="3.X=PATH",
+        help="another Python to time emit on in the versions scenario (repeatable)",
+    )
     args = parser.parse_args()
     if unknown := set(args.scenarios) - SCENARIOS.keys():
         parser.error(
             f"unknown scenario {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}"
         )
-    settings = QUICK if args.quick else FULL
+    settings = dataclasses.replace(QUICK if args.quick else FULL, pythons=tuple(args.python))
     print_environment(settings)
     started, goals = perf_counter(), list[Verdict]()
     try:
@@ -79,10 +104,19 @@ def main() -> None:
             print(f"\n({name}: {perf_counter() - scenario_started:.0f} s)")
     finally:
         close_loops()
-    print(f"\n== goals: {sum(goal.met for goal in goals)} of {len(goals)} met ==")
+    skipped = sum(isinstance(goal, Skipped) for goal in goals)
+    judged = len(goals) - skipped
+    print(f"\n== goals: {sum(goal.met for goal in goals)} of {judged} met, {skipped} skipped ==")
     for goal in goals:
         print(f"   {goal}")
     print(f"\ntotal {perf_counter() - started:.0f} s")
+
+
+def _python(argument: str) -> tuple[str, str]:
+    version, separator, path = argument.partition("=")
+    if not separator or not version.startswith("3.") or not path:
+        raise argparse.ArgumentTypeError(f"expected 3.X=PATH, got {argument!r}")
+    return version, path
 
 
 def print_environment(settings: Settings) -> None:

@@ -8,68 +8,43 @@ Every library is used through its public API, the way its documentation shows.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import anyio
 import blinker
 from aiosignal import Signal
 from pyee.asyncio import AsyncIOEventEmitter
 
-from aioevents import EventBus
+from ._floors import (
+    Builder,
+    Handler,
+    Ping,
+    Run,
+    aioevents_emit,
+    bare_tasks,
+    guarded,
+    make_handlers,
+    sequential,
+    task_group,
+)
 
 __all__ = [
+    "Builder",
     "Ping",
     "aioevents_emit",
     "aiosignal_send",
     "anyio_task_group",
+    "bare_tasks",
     "blinker_send_async",
     "gather",
     "make_handlers",
+    "pyee_emit_and_poll",
     "pyee_emit_and_wait",
     "sequential",
     "sequential_robust",
     "task_group",
+    "trio_nursery",
 ]
-
-Handler = Callable[["Ping"], Awaitable[object]]
-Run = Callable[[int], Awaitable[None]]
-Builder = Callable[[Sequence[Handler], "Ping"], Run]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Ping:
-    seq: int
-
-
-def make_handlers(count: int, *, sleep: float = 0.0, raising: int | None = None) -> list[Handler]:
-    """``count`` distinct handlers: blinker and pyee ignore a function connected twice, and
-    bubus warns about two handlers of the same name."""
-    return [_handler(index, sleep, raising=index == raising) for index in range(count)]
-
-
-def _handler(index: int, sleep: float, *, raising: bool) -> Handler:
-    async def handle(event: Ping) -> None:
-        if sleep:
-            await asyncio.sleep(sleep)
-        if raising:
-            raise ValueError(f"handler failed on {event}")
-
-    handle.__name__ = handle.__qualname__ = f"handler_{index}"
-    return handle
-
-
-def aioevents_emit(handlers: Sequence[Handler], event: Ping) -> Run:
-    bus = EventBus()
-    for handler in handlers:
-        bus.subscribe(Ping, handler)
-    emit = bus.emit
-
-    async def run(n: int) -> None:
-        for _ in range(n):
-            await emit(event)
-
-    return run
 
 
 def aiosignal_send(handlers: Sequence[Handler], event: Ping) -> Run:
@@ -115,6 +90,24 @@ def pyee_emit_and_wait(handlers: Sequence[Handler], event: Ping) -> Run:
     return run
 
 
+def pyee_emit_and_poll(handlers: Sequence[Handler], event: Ping) -> Run:
+    """pyee at its best: instead of wait_for_complete() (``asyncio.wait`` over its pending
+    set, a waiter future and a callback per task), yield until its public ``complete``
+    property says the pending set is empty."""
+    emitter = AsyncIOEventEmitter()
+    for handler in handlers:
+        emitter.add_listener("ping", handler)
+    emit = emitter.emit
+
+    async def run(n: int) -> None:
+        for _ in range(n):
+            emit("ping", event)
+            while not emitter.complete:  # noqa: ASYNC110  (polling is the point here)
+                await asyncio.sleep(0)
+
+    return run
+
+
 def sequential_robust(handlers: Sequence[Handler], event: Ping) -> Run:
     """Django's Signal.send_robust, async: one handler after another, each in try/except."""
 
@@ -138,41 +131,26 @@ def gather(handlers: Sequence[Handler], event: Ping) -> Run:
     return run
 
 
-async def _guarded(handler: Handler, event: Ping, errors: list[Exception]) -> None:
-    try:
-        await handler(event)
-    except Exception as exc:
-        errors.append(exc)
-
-
-def task_group(handlers: Sequence[Handler], event: Ping) -> Run:
-    async def run(n: int) -> None:
-        for _ in range(n):
-            errors: list[Exception] = []
-            async with asyncio.TaskGroup() as tasks:
-                for handler in handlers:
-                    tasks.create_task(_guarded(handler, event, errors))
-
-    return run
-
-
 def anyio_task_group(handlers: Sequence[Handler], event: Ping) -> Run:
     async def run(n: int) -> None:
         for _ in range(n):
             errors: list[Exception] = []
             async with anyio.create_task_group() as tasks:
                 for handler in handlers:
-                    tasks.start_soon(_guarded, handler, event, errors)
+                    tasks.start_soon(guarded, handler, event, errors)
 
     return run
 
 
-def sequential(handlers: Sequence[Handler], event: Ping) -> Run:
-    """The lower bound: await each handler in turn, no isolation, no report."""
+def trio_nursery(handlers: Sequence[Handler], event: Ping) -> Run:
+    """A raw trio nursery, each handler wrapped in try/except: trio's TaskGroup."""
+    import trio  # the trio scenario only; the bench session installs it
 
     async def run(n: int) -> None:
         for _ in range(n):
-            for handler in handlers:
-                await handler(event)
+            errors: list[Exception] = []
+            async with trio.open_nursery() as nursery:
+                for handler in handlers:
+                    nursery.start_soon(guarded, handler, event, errors)
 
     return run

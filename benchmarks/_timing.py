@@ -26,10 +26,13 @@ __all__ = [
     "Run",
     "Sample",
     "Settings",
+    "Skipped",
     "Verdict",
     "add_loop",
     "close_loops",
+    "figure",
     "measure",
+    "middle_half",
     "print_table",
     "run_on",
 ]
@@ -46,6 +49,8 @@ class Settings:
     repetitions: int
     target: float  # seconds one repetition of a cell (every case once) should take
     quick: bool = False  # a smoke run: the scenarios with sizes of their own run small too
+    # Other Pythons to time emit on ("3.12" -> its interpreter), for the versions scenario.
+    pythons: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,15 +88,23 @@ class Sample:
 
 @dataclass(frozen=True)
 class Goal:
-    """``value`` must stay under ``limit``; judged on the median, its middle half shown."""
+    """The median of ``values`` must pass ``compare limit``; judged on the median, with the
+    middle half of the values shown.
+
+    Each value is one repetition's: a ratio between two runs of the same repetition, or one
+    run's own figure. The median of per-repetition values is the one kind of figure judged.
+    """
 
     text: str
     values: Sequence[float]  # one per repetition
     limit: float
+    compare: str = "<"  # "<", "<=" or ">="
 
     @classmethod
-    def ratio(cls, text: str, sample: Sample, other: Sample, limit: float) -> Goal:
-        return cls(text, sample.ratios_to(other), limit)
+    def ratio(
+        cls, text: str, sample: Sample, other: Sample, limit: float, compare: str = "<"
+    ) -> Goal:
+        return cls(text, sample.ratios_to(other), limit, compare)
 
     @classmethod
     def cost(cls, text: str, sample: Sample, other: Sample, limit_percent: float) -> Goal:
@@ -99,18 +112,46 @@ class Goal:
         return cls(text, [(r - 1) * 100 for r in sample.ratios_to(other)], limit_percent)
 
     @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
     def met(self) -> bool:
-        return statistics.median(self.values) < self.limit
+        return _holds(self.median, self.compare, self.limit)
 
     def __str__(self) -> str:
-        q1, median, q3 = statistics.quantiles(self.values, n=4, method="inclusive")
+        q1, q3 = middle_half(self.values)
         verdict = "met" if self.met else "MISSED"
-        if q1 < self.limit <= q3:
+        if _holds(q1, self.compare, self.limit) != _holds(q3, self.compare, self.limit):
             verdict += " (borderline: the limit is inside the middle half)"
         return (
-            f"goal: {self.text} < {self.limit:.3g}: {median:.2f} "
-            f"(middle half {q1:.2f} to {q3:.2f}) ... {verdict}"
+            f"goal: {self.text} {self.compare} {figure(self.limit)}: {figure(self.median)} "
+            f"(middle half {figure(q1)} to {figure(q3)}) ... {verdict}"
         )
+
+
+def _holds(value: float, compare: str, limit: float) -> bool:
+    if compare == "<":
+        return value < limit
+    if compare == "<=":
+        return value <= limit
+    assert compare == ">=", compare
+    return value >= limit
+
+
+def middle_half(values: Sequence[float]) -> tuple[float, float]:
+    """The first and third quartiles: the interquartile range is the spread printed."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def figure(value: float) -> str:
+    """Ratios with two decimals; rates, counts and microseconds past 1,000 as whole numbers."""
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.2f}" if abs(value) >= 0.1 or value == 0 else f"{value:.3f}"
 
 
 @dataclass(frozen=True)
@@ -124,7 +165,19 @@ class Check:
         return f"goal: {self.text} ... {'met' if self.met else 'MISSED'}"
 
 
-Verdict = Goal | Check
+@dataclass(frozen=True)
+class Skipped:
+    """A goal this run cannot judge (a Python version or a service it lacks), and why."""
+
+    text: str
+    reason: str
+    met = False
+
+    def __str__(self) -> str:
+        return f"goal: {self.text} ... skipped: {self.reason}"
+
+
+Verdict = Goal | Check | Skipped
 
 
 def add_loop(name: str, factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
@@ -137,12 +190,20 @@ def close_loops() -> None:
     _runners.clear()
 
 
-def measure(cases: Sequence[Case], settings: Settings) -> dict[str, Sample]:
-    """Time every case with the same n, interleaved; the first case is the reference."""
+def measure(cases: Sequence[Case], settings: Settings, n: int | None = None) -> dict[str, Sample]:
+    """Time every case with the same n, interleaved; the first case is the reference.
+
+    ``n`` fixes the run size (a goal stated for a burst of 5,000, say); by default it is
+    sized so that one repetition takes about ``settings.target`` seconds.
+    """
     gc.collect()
     gc.freeze()  # what exists now is never garbage: the collection before each run stays short
     try:
-        n = _repetition_size(cases, settings.target)
+        if n is None:
+            n = _repetition_size(cases, settings.target)
+        else:
+            for case in cases:  # the warm-up the sizing does otherwise
+                _time(case, n)
         samples = {case.name: Sample(case.name, n=n) for case in cases}
         for repetition in range(settings.repetitions):
             shift = repetition % len(cases)
@@ -171,11 +232,22 @@ def _repetition_size(cases: Sequence[Case], target: float) -> int:
 
 
 def run_on(loop: str, coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on the event loop of that kind that every case of that kind runs on."""
+    """Run ``coro`` on the event loop of that kind that every case of that kind runs on.
+
+    trio has no loop to keep: each call is a ``trio.run`` of its own.
+    """
+    if loop == "trio":
+        import trio  # the trio scenario's cases only: the others run without it
+
+        return trio.run(_awaited, coro)
     runner = _runners.get(loop)
     if runner is None:
         runner = _runners[loop] = asyncio.Runner(loop_factory=_loop_factories[loop])
     return runner.run(coro)
+
+
+async def _awaited(coro: Coroutine[Any, Any, T]) -> T:
+    return await coro
 
 
 def _time(case: Case, n: int) -> float:
@@ -192,23 +264,31 @@ async def _timed(run: Run, n: int) -> float:
     return perf_counter() - started if timed is None else timed
 
 
-def print_table(title: str, columns: dict[str, dict[str, Sample]]) -> None:
-    """One row per case, one column per cell: median µs per emit, and time ÷ the first row's."""
+def print_table(title: str, columns: dict[str, dict[str, Sample]], unit: str = "emit") -> None:
+    """One row per case, one column per cell: the median µs per emit, the median of this row's
+    per-repetition ratios to the first row's, and those ratios' interquartile range."""
     rows = list(dict.fromkeys(name for cell in columns.values() for name in cell))
     reference = rows[0]
     width = max(len(name) for name in rows) + 2
     print(f"\n== {title} ==")
-    print("   cells: median µs per emit, then this row's time ÷ the first row's (>1: slower);")
-    print("   spread: the widest interquartile range of the row's cells, over its median")
-    print(" " * width + "".join(f"{column:>19}" for column in columns) + "   spread")
+    print(f"   cells: median µs per {unit}; this row's time ÷ the first row's, the median of the")
+    print("   per-repetition ratios; ± half the interquartile range of those ratios.")
+    print("   spread: the widest interquartile range of the row's times, over their median")
+    print(" " * width + "".join(f"{column:>26}" for column in columns) + "   spread")
     for name in rows:
         line, spreads = name.ljust(width), []
         for cell in columns.values():
             sample = cell.get(name)
             if sample is None:
-                line += f"{'-':>19}"
+                line += f"{'-':>26}"
                 continue
-            ratio = sample.ratio_to(cell[reference])
-            line += f"{sample.median_us:>11.2f} {ratio:>6.2f}x"
+            line += _cell(sample, cell[reference])
             spreads.append(sample.spread)
         print(f"{line}   {max(spreads):>5.1%}")
+
+
+def _cell(sample: Sample, reference: Sample) -> str:
+    ratios = sample.ratios_to(reference)
+    q1, q3 = middle_half(ratios)
+    ratio, half_range = statistics.median(ratios), (q3 - q1) / 2
+    return f"{sample.median_us:>11.2f} {ratio:>6.2f}x ±{half_range:<5.2f}"

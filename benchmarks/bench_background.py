@@ -8,6 +8,10 @@ handler records how long it waited to start.
 - aioevents: ``await bus.publish(ev)`` n times inside ``async with bus:`` (4 workers, the
   default queue of 1024 with back-pressure), then leaving the block, which drains. Entering
   the block is not timed; leaving it is.
+- plain queue: the floor. An ``asyncio.Queue`` of the same size (1024) and 4 worker tasks
+  started before the timing, each taking an event and awaiting the same handler in
+  try/except; ``await queue.put(ev)`` n times, then one ``None`` per worker to stop it and
+  waiting for the workers (as leaving aioevents' block stops its workers).
 - pyee: ``emit(...)`` n times (a task per event at once: no queue, no limit), then
   ``await wait_for_complete()``.
 - bubus: ``dispatch(Ev(...))`` n times, then ``await wait_until_idle()``. It runs one event
@@ -19,6 +23,7 @@ handler records how long it waited to start.
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -30,11 +35,17 @@ from pyee.asyncio import AsyncIOEventEmitter
 
 from aioevents import EventBus
 
-from ._timing import Case, Goal, Run, Sample, Settings, measure, run_on
+from ._timing import Case, Goal, Run, Sample, Settings, Verdict, measure, run_on
 
 WORKERS = 4
+QUEUE_SIZE = 1024  # aioevents' default, and the plain queue's: the same back-pressure
+BURST = 5_000  # issue 14, goal 3: a burst of 5,000 to one no-op handler
+RATE_GOAL = 300_000  # events/s at least
+P99_GOAL = 100.0  # µs from publish to handler start, at most
+PLAIN_GOAL = 3.0  # aioevents' time per event ÷ the plain queue's, at most
 BUBUS_IN_FLIGHT = 50  # bubus' queue size with its default history
 AIOEVENTS = f"aioevents  publish(); leave `async with bus` ({WORKERS} workers)"
+PLAIN = f"plain      asyncio.Queue({QUEUE_SIZE}) + {WORKERS} worker tasks (the floor)"
 PYEE = "pyee       emit(); await wait_for_complete()"
 BUBUS = f"bubus      dispatch(), {BUBUS_IN_FLIGHT} in flight; await wait_until_idle()"
 
@@ -46,24 +57,29 @@ class Stamped:
 
 @dataclass
 class Latencies:
-    """Seconds from publish to handler start, per run size (the timed runs are the largest)."""
+    """Seconds from publish to handler start, one list per run, by run size: the timed runs
+    of a table are the last ``repetitions`` runs of its size."""
 
-    by_n: dict[int, list[float]] = field(default_factory=dict)
+    by_n: dict[int, list[list[float]]] = field(default_factory=dict)
     current: list[float] = field(default_factory=list)
 
     def start(self, n: int) -> None:
-        self.current = self.by_n.setdefault(n, [])
+        self.current = []
+        self.by_n.setdefault(n, []).append(self.current)
+
+    def timed_runs(self, sample: Sample) -> list[list[float]]:
+        return self.by_n.get(sample.n, [])[-len(sample.per_op) :]
 
     async def handle(self, event: Any) -> None:
         self.current.append(perf_counter() - event.at)
 
 
-def main(settings: Settings) -> list[Goal]:
+def main(settings: Settings) -> list[Verdict]:
     columns: dict[str, tuple[dict[str, Sample], dict[str, Latencies]]] = {}
-    # Repetitions long enough for a burst of a few thousand events, past aioevents' queue size.
-    fast = Settings(settings.repetitions, settings.target * 2.5)
-    columns["aioevents and pyee"] = _column({AIOEVENTS: _aioevents, PYEE: _pyee}, fast)
-    goals = [_goal(columns["aioevents and pyee"][0], PYEE, "pyee")]
+    burst: dict[str, Builder] = {AIOEVENTS: _aioevents, PLAIN: _plain_queue, PYEE: _pyee}
+    title = f"aioevents, the plain queue and pyee: a burst of {BURST:,}"
+    columns[title] = _column(burst, settings, BURST)
+    goals: list[Verdict] = [*_burst_goals(*columns[title]), _goal(columns[title][0], PYEE, "pyee")]
     bubus = _bubus_builder()
     if bubus is not None:
         # bubus handles a few hundred events a second: few, long repetitions, a short burst.
@@ -81,15 +97,42 @@ def main(settings: Settings) -> list[Goal]:
     return goals
 
 
+def _burst_goals(column: dict[str, Sample], latencies: dict[str, Latencies]) -> list[Goal]:
+    """Issue 14, goal 3: events/s and p99 latency of each timed run, and the plain queue."""
+    sample = column[AIOEVENTS]
+    where = f"{WORKERS} workers, burst of {BURST:,}"
+    p99s = [_percentiles(run)[1] for run in latencies[AIOEVENTS].timed_runs(sample)]
+    return [
+        Goal(
+            f"[14.3] background ({where}): aioevents events/s",
+            [1 / per_event for per_event in sample.per_op],
+            RATE_GOAL,
+            ">=",
+        ),
+        Goal(
+            f"[14.3] background ({where}): p99 publish to handler start, µs", p99s, P99_GOAL, "<="
+        ),
+        Goal.ratio(
+            f"[14.3] background ({where}): aioevents time per event ÷ the plain queue's",
+            sample,
+            column[PLAIN],
+            PLAIN_GOAL,
+            "<=",
+        ),
+    ]
+
+
 Builder = Callable[["Latencies"], Run]
 
 
 def _column(
-    builders: dict[str, Builder], settings: Settings
+    builders: dict[str, Builder], settings: Settings, n: int | None = None
 ) -> tuple[dict[str, Sample], dict[str, Latencies]]:
     latencies = {name: Latencies() for name in builders}
     cases = [Case(name, build(latencies[name])) for name, build in builders.items()]
-    return measure(cases, settings), latencies
+    if n is None:  # sized like the other tables: a burst past aioevents' queue size
+        settings = Settings(settings.repetitions, settings.target * 2.5)
+    return measure(cases, settings, n), latencies
 
 
 def _aioevents(latencies: Latencies) -> Run:
@@ -103,6 +146,31 @@ def _aioevents(latencies: Latencies) -> Run:
             started = perf_counter()
             for _ in range(n):
                 await publish(Stamped(at=perf_counter()))
+        return perf_counter() - started
+
+    return run
+
+
+def _plain_queue(latencies: Latencies) -> Run:
+    handle = latencies.handle
+
+    async def work(queue: asyncio.Queue[Stamped | None]) -> None:
+        while (event := await queue.get()) is not None:
+            try:
+                await handle(event)
+            except Exception:  # isolated, as aioevents' workers isolate a failing handler
+                pass
+
+    async def run(n: int) -> float:
+        latencies.start(n)
+        queue: asyncio.Queue[Stamped | None] = asyncio.Queue(QUEUE_SIZE)
+        workers = [asyncio.create_task(work(queue)) for _ in range(WORKERS)]
+        started = perf_counter()
+        for _ in range(n):
+            await queue.put(Stamped(at=perf_counter()))
+        for _ in workers:
+            await queue.put(None)
+        await asyncio.gather(*workers)
         return perf_counter() - started
 
     return run
@@ -124,7 +192,7 @@ def _pyee(latencies: Latencies) -> Run:
 
 def _bubus_builder() -> Builder | None:
     try:
-        import bubus  # type: ignore[import-not-found, unused-ignore]  # only the bench env has it
+        import bubus  # type: ignore[import-not-found, import-untyped, unused-ignore]  # only the bench env has it
     except ImportError:
         return None
     # A bubus event is a pydantic model with an id of its own: one per dispatch, as its API wants.
@@ -169,18 +237,27 @@ def _print_table(
     print("\n== background delivery: a burst of n events, 1 no-op async handler ==")
     print("   events/s: n ÷ (first publish to last handled), median over the repetitions;")
     print("   vs aioevents: this row's events/s ÷ aioevents' in the same repetition (<1: fewer);")
-    print("   latency: publish to handler start over every event of the timed runs, in µs")
+    print(
+        "   latency: publish to handler start, each timed run's p50 and p99, median over the runs"
+    )
     print(f"{'':<64}{'n':>6}{'events/s':>11}{'vs aioevents':>14}{'p50 µs':>10}{'p99 µs':>11}")
     for title, (column, latencies) in columns.items():
         print(f"  {title}")
         reference = column[AIOEVENTS]
         for name, sample in column.items():
             vs = statistics.median(1 / r for r in sample.ratios_to(reference))
-            p50, p99 = _percentiles(latencies[name].by_n.get(sample.n, []))
+            p50, p99 = _median_percentiles(latencies[name].timed_runs(sample))
             print(
                 f"{name:<64}{sample.n:>6}{1e6 / sample.median_us:>11,.0f}{vs:>13.2f}x"
                 f"{p50:>10,.0f}{p99:>11,.0f}"
             )
+
+
+def _median_percentiles(runs: Sequence[Sequence[float]]) -> tuple[float, float]:
+    cuts = [_percentiles(run) for run in runs]
+    if not cuts:
+        return float("nan"), float("nan")
+    return statistics.median(p50 for p50, _ in cuts), statistics.median(p99 for _, p99 in cuts)
 
 
 def _percentiles(values: Sequence[float]) -> tuple[float, float]:

@@ -1,35 +1,58 @@
-"""Scenario 1: the cost of one awaited emit, against the peers and the raw idioms.
+"""Scenario 1: the cost of one awaited emit, against the peers, the raw idioms and the floor.
 
-Four tables: no-op handlers on the default asyncio loop; handlers that each sleep 1 ms, where
-running them concurrently pays; aioevents and a raw TaskGroup on uvloop and on asyncio; and
-bubus, apart, because it is three orders of magnitude slower and needs longer repetitions.
+Four tables: no-op handlers on the default asyncio loop (with the floor, N bare tasks created
+and awaited, and on Python 3.12+ a raw TaskGroup on a loop with `asyncio.eager_task_factory`);
+handlers that each sleep 1 ms, where running them concurrently pays; aioevents and a raw
+TaskGroup on uvloop and on asyncio; and bubus, apart, because it is three orders of magnitude
+slower and needs longer repetitions.
 """
 
 from __future__ import annotations
 
+import asyncio
+import statistics
+import sys
 from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
 from . import _contenders as c
-from ._timing import Case, Goal, Run, Sample, Settings, add_loop, measure, print_table, run_on
+from ._timing import (
+    Case,
+    Goal,
+    Run,
+    Sample,
+    Settings,
+    add_loop,
+    measure,
+    middle_half,
+    print_table,
+    run_on,
+)
 
 AIOEVENTS = "aioevents  await bus.emit(ev)"
 AIOSIGNAL = "aiosignal  await Signal.send(ev)"
 BLINKER = "blinker    await Signal.send_async(ev)"
 PYEE = "pyee       emit(); await wait_for_complete()"
+PYEE_BEST = "pyee       emit(); poll .complete, sleep(0) (its best)"
 TASK_GROUP = "raw asyncio.TaskGroup + try/except"
+EAGER = "raw asyncio.TaskGroup + try/except, eager_task_factory"
 ANYIO = "raw anyio task group + try/except"
+BARE = "raw asyncio tasks, create + await (the floor)"
+PYTHON = f"Python {sys.version_info[0]}.{sys.version_info[1]}"
+BARE_LIMIT = 1.10  # issue 14, goal 1
 
 NOOP_CONTENDERS: dict[str, c.Builder] = {
     AIOEVENTS: c.aioevents_emit,
     AIOSIGNAL: c.aiosignal_send,
     BLINKER: c.blinker_send_async,
+    PYEE_BEST: c.pyee_emit_and_poll,
     PYEE: c.pyee_emit_and_wait,
     "Django-style sequential + try/except": c.sequential_robust,
     "raw asyncio.gather(return_exceptions=True)": c.gather,
     TASK_GROUP: c.task_group,
     ANYIO: c.anyio_task_group,
+    BARE: c.bare_tasks,
     "raw sequential await (lower bound)": c.sequential,
 }
 SLEEP_CONTENDERS: dict[str, c.Builder] = {
@@ -47,11 +70,24 @@ def main(settings: Settings) -> list[Goal]:
 
 
 def _column(
-    contenders: dict[str, c.Builder], count: int, settings: Settings, *, sleep: float = 0.0
+    contenders: dict[str, c.Builder],
+    count: int,
+    settings: Settings,
+    *,
+    sleep: float = 0.0,
+    eager: bool = False,
 ) -> dict[str, Sample]:
     event, handlers = c.Ping(seq=1), c.make_handlers(count, sleep=sleep)
     cases = [Case(name, build(handlers, event)) for name, build in contenders.items()]
+    if eager:
+        cases.append(Case(EAGER, c.task_group(handlers, event), "eager"))
     return measure(cases, settings)
+
+
+def _eager_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined, unused-ignore]
+    return loop
 
 
 def _label(count: int) -> str:
@@ -59,8 +95,13 @@ def _label(count: int) -> str:
 
 
 def _noop_handlers(settings: Settings) -> list[Goal]:
-    columns = {_label(n): _column(NOOP_CONTENDERS, n, settings) for n in (0, 1, 4, 16)}
-    print_table("emit, no-op async handlers, default asyncio loop", columns)
+    eager = sys.version_info >= (3, 12)  # eager_task_factory is new in 3.12
+    if eager:
+        add_loop("eager", _eager_loop)
+    columns = {
+        _label(n): _column(NOOP_CONTENDERS, n, settings, eager=eager) for n in (0, 1, 2, 4, 16)
+    }
+    print_table(f"emit, no-op async handlers, default asyncio loop, {PYTHON}", columns)
     goals = [
         _goal(columns[label], AIOSIGNAL, f"{label}: aioevents ÷ aiosignal", 2.0)
         for label in (_label(0), _label(1))
@@ -71,7 +112,20 @@ def _noop_handlers(settings: Settings) -> list[Goal]:
             _goal(column, TASK_GROUP, f"{label}: aioevents ÷ raw asyncio.TaskGroup", 1.1),
             _goal(column, ANYIO, f"{label}: aioevents ÷ raw anyio task group", 0.4),
             _goal(column, PYEE, f"{label}: aioevents ÷ pyee emit-and-wait (1.5x as fast)", 1 / 1.5),
+            _goal(
+                column, PYEE_BEST, f"{label}: aioevents ÷ pyee at its best (1.5x as fast)", 1 / 1.5
+            ),
         ]
+    goals += [
+        _goal(
+            columns[_label(n)],
+            BARE,
+            f"[14.1] {PYTHON}, {_label(n)}: aioevents ÷ {n} bare asyncio tasks",
+            BARE_LIMIT,
+            "<=",
+        )
+        for n in (2, 4, 16)
+    ]
     return _show(goals)
 
 
@@ -105,20 +159,24 @@ def _uvloop(settings: Settings) -> list[Goal]:
         ]
         columns[_label(count)] = measure(cases, settings)
     print_table(
-        f"emit, no-op async handlers, uvloop {uvloop.__version__} vs the default asyncio loop",
+        f"emit, no-op async handlers, uvloop {metadata.version('uvloop')} vs the default loop",
         columns,
     )
     for label in (_label(4), _label(16)):
-        ratio = columns[label][f"{AIOEVENTS} on uvloop"].ratio_to(
+        ratios = columns[label][f"{AIOEVENTS} on uvloop"].ratios_to(
             columns[label][f"{TASK_GROUP} on uvloop"]
         )
-        print(f"   on uvloop, {label}: aioevents ÷ raw asyncio.TaskGroup = {ratio:.2f}")
+        q1, q3 = middle_half(ratios)
+        print(
+            f"   on uvloop, {label}: aioevents ÷ raw asyncio.TaskGroup = "
+            f"{statistics.median(ratios):.2f} (middle half {q1:.2f} to {q3:.2f})"
+        )
     return []
 
 
 def _bubus(settings: Settings) -> list[Goal]:
     try:
-        import bubus  # type: ignore[import-not-found, unused-ignore]  # only the bench env has it
+        import bubus  # type: ignore[import-not-found, import-untyped, unused-ignore]  # only the bench env has it
     except ImportError:
         print("\n== emit with bubus: skipped, bubus is not installed ==")
         return []
@@ -155,8 +213,10 @@ def _bubus_dispatch(bus: Any, ping_type: Any) -> Run:
     return run
 
 
-def _goal(column: dict[str, Sample], other: str, text: str, limit: float) -> Goal:
-    return Goal.ratio(text, column[AIOEVENTS], column[other], limit)
+def _goal(
+    column: dict[str, Sample], other: str, text: str, limit: float, compare: str = "<"
+) -> Goal:
+    return Goal.ratio(text, column[AIOEVENTS], column[other], limit, compare)
 
 
 def _show(goals: Sequence[Goal]) -> list[Goal]:

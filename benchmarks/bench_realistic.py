@@ -40,7 +40,17 @@ from examples.llm_platform.db import create_engine
 from examples.llm_platform.events import AppWasCreated
 from examples.llm_platform.models import App, InstalledApp, Site
 
-from ._timing import Case, Run, Sample, Settings, Verdict, measure, print_table, run_on
+from ._timing import (
+    Case,
+    Run,
+    Sample,
+    Settings,
+    Verdict,
+    measure,
+    middle_half,
+    print_table,
+    run_on,
+)
 
 DATABASE_URL = os.environ.get(
     "AIOEVENTS_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -92,13 +102,15 @@ def main(settings: Settings) -> list[Verdict]:
         "realistic: AppWasCreated to the example platform's 2 handlers, PostgreSQL", columns
     )
     for commit, column in columns.items():
-        ratio = column[CONCURRENT].ratio_to(column[SEQUENTIAL])
+        ratios = column[CONCURRENT].ratios_to(column[SEQUENTIAL])
+        q1, q3 = middle_half(ratios)
         shares = ", ".join(
             f"{statistics.median(cpu[commit][name]):.0%} {label}"
             for name, label in ((CONCURRENT, "aioevents"), (SEQUENTIAL, "sequential"))
         )
         print(
-            f"   {commit}: aioevents ÷ sequential = {ratio:.2f}; "
+            f"   {commit}: aioevents ÷ sequential = {statistics.median(ratios):.2f} "
+            f"(middle half {q1:.2f} to {q3:.2f}); "
             f"this process's CPU time ÷ wall time: {shares}"
         )
     return []
