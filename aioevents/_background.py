@@ -390,9 +390,9 @@ class Background:
         except BaseException as exc:  # an on_error hook's too
             self._die(exc)
 
-    async def close(self) -> tuple[list[object], BaseException | None]:
-        """Cancel what still runs and end the task group; return what was left, and the
-        `BaseException` a handler raised, if one did."""
+    async def close(self) -> None:
+        """Cancel what still runs and end the task group; raise the `BaseException` a
+        handler raised, if one did. `left` then says what was not delivered."""
         self.accepting = False
         for scope in self._scopes:
             scope.cancel()
@@ -404,10 +404,19 @@ class Background:
                 raise
         finally:
             self._queue.close()
+        if self._fatal is not None:
+            raise self._fatal
+
+    @property
+    def fatal(self) -> BaseException | None:
+        return self._fatal
+
+    def left(self) -> list[object]:
+        """What was not delivered: interrupted, still queued, or still batched."""
         left = [*self._undelivered, *self._queue.take_all()]
         for batch in self._batches.values():
             left.extend(batch.events)
-        return left, self._fatal
+        return left
 
 
 def log_undelivered(undelivered: Sequence[object], why: str) -> None:

@@ -15,7 +15,7 @@ import functools
 import types
 from collections.abc import Callable, Generator, Iterable, Sequence
 from contextvars import copy_context
-from typing import Any, Self, TypeVar
+from typing import Any, NoReturn, Self, TypeVar
 
 import anyio
 import anyio.abc
@@ -275,10 +275,8 @@ class EventBus(HandlerDecorators):
                 async with anyio.create_task_group() as task_group:
                     for sub in subs:
                         await task_group.start(_started, self._guarded, sub, event, errors)
-            except BaseExceptionGroup as group:  # one BaseException is raised as itself, as
-                if len(group.exceptions) == 1:  # the asyncio path and an inline handler do
-                    raise group.exceptions[0] from None
-                raise
+            except BaseExceptionGroup as group:
+                _raise_as_on_asyncio(group)
         if not errors:
             return route.ok_result
         if strict:
@@ -358,16 +356,17 @@ class EventBus(HandlerDecorators):
         finally:
             self._registry.set_batching(False)
         # Outside the shield: the task group was entered before it, so it is left after it.
+        # Whatever that raises (a handler's BaseException, the owner's cancellation), the
+        # report is kept first.
         try:
-            left, fatal = await background.close()
+            await background.close()
         finally:
             self._background = None
-        report = self._last_drain = DrainReport(background.delivered, tuple(left), not drained)
-        if left:
-            log_undelivered(left, _why_left(fatal, drained, drain_timeout))
-        if fatal is not None:
-            raise fatal
-        return report
+            left = background.left()
+            self._last_drain = DrainReport(background.delivered, tuple(left), not drained)
+            if left:
+                log_undelivered(left, _why_left(background.fatal, drained, drain_timeout))
+        return self._last_drain
 
     async def publish(self, event: object, *, priority: int = 0) -> None:
         """Queue ``event`` for background delivery and return; higher ``priority`` goes first.
@@ -540,6 +539,20 @@ async def _started(
 ) -> None:
     task_status.started()
     await guarded(sub, event, errors)
+
+
+def _raise_as_on_asyncio(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise what a trio task group of handlers raised as the asyncio path would.
+
+    A handler's BaseException replaces the cancellations it caused among its siblings, and
+    one exception is raised as itself, as an inline handler's would be.
+    """
+    cancelled = anyio.get_cancelled_exc_class()
+    _, others = group.split(cancelled)
+    failures = list(others.exceptions) if others is not None else list(group.exceptions)
+    if len(failures) == 1:
+        raise failures[0] from None
+    raise BaseExceptionGroup("handlers raised", failures) from None
 
 
 def _why_left(fatal: BaseException | None, drained: bool, drain_timeout: float) -> str:
