@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anyio
+import anyio.lowlevel
 import pytest
 
-from aioevents import ConfigurationError, EmitResult, EventBus
+from aioevents import ConfigurationError, EventBus
 
 pytestmark = pytest.mark.anyio
 
@@ -116,11 +117,12 @@ async def test_the_report_of_a_timed_out_drain_stays_readable_and_is_logged(
     async def hangs(job: Job) -> None:
         await anyio.sleep(30)
 
-    assert bus.last_drain is None
+    before = bus.last_drain
     async with bus:
         await bus.publish(Job(1))
         await bus.publish(Job(2))
     report = bus.last_drain
+    assert before is None
     assert report is not None and report.timed_out
     assert set(report.undelivered) == {Job(1), Job(2)}
     [record] = [r for r in caplog.records if "undelivered" in r.getMessage()]
@@ -130,9 +132,7 @@ async def test_the_report_of_a_timed_out_drain_stays_readable_and_is_logged(
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # where tasks can be counted
-async def test_unsubscribing_a_batch_handler_while_running_delivers_its_batch_and_ends_its_task() -> (
-    None
-):
+async def test_unsubscribing_a_batch_handler_while_running_delivers_and_ends_its_task() -> None:
     bus, received = EventBus(), list[int]()
 
     async def collect(jobs: Sequence[Job]) -> None:
@@ -145,7 +145,7 @@ async def test_unsubscribing_a_batch_handler_while_running_delivers_its_batch_an
             await bus.emit(Job(number))
             bus.unsubscribe(sub)
         for _ in range(20):
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
         assert len(_tasks()) <= tasks_before
     assert sorted(received) == list(range(100))
 
@@ -234,7 +234,7 @@ async def test_nested_single_handler_emits_cost_no_more_stack_than_awaits() -> N
             await bus.emit(Job(job.number + 1))
             return
         reached.append(job.number)
-        await anyio.sleep(0)  # and resuming through every level works too
+        await anyio.lowlevel.checkpoint()  # and resuming through every level works too
 
     result = await bus.emit(Job(0))
     assert result.ok, result.errors
@@ -281,8 +281,8 @@ async def test_emit_result_of_an_inline_handler_is_the_same_as_of_a_task() -> No
 
     @bus.on(Job)
     async def fails(job: Job) -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         raise ValueError("x")
 
     result = await bus.emit(Job(1))
-    assert isinstance(result, EmitResult) and not result.ok and result.handled == 1
+    assert not result.ok and result.handled == 1
