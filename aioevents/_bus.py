@@ -242,8 +242,7 @@ class EventBus(HandlerDecorators):
             sub, context = subs[0], copy_context()
             plain = self._guarded is run_guarded  # then not even the guard's coroutine
             step = (sub.invoke(event) if plain else self._guarded(sub, event, errors)).__await__()
-            task, pending = None, 0  # the emitter's task, once the handler suspended
-            yielded = FINISHED
+            yielded = FINISHED  # until it suspends, when the emitter's task is looked up
             try:
                 # next() with a default: a handler that never suspends costs no StopIteration
                 yielded = context.run(next, step, FINISHED)
@@ -261,7 +260,7 @@ class EventBus(HandlerDecorators):
             except Exception as exc:
                 record_failure(sub, event, exc, errors)
             except asyncio.CancelledError as exc:
-                if task is not None and task.cancelling() > pending:
+                if yielded is not FINISHED and task is not None and task.cancelling() > pending:
                     raise  # the emitter's own cancellation
                 record_stray_cancellation(sub, event, exc, errors)
             if yielded is not FINISHED:
@@ -505,7 +504,10 @@ async def _counted(guarded: Guarded, sub: Subscription, event: object, group: _C
     # A task cancelled before its first step never runs this; only the emitter holds these
     # tasks, and it cancels them only after it has stopped counting (in _cancel_and_wait).
     try:
-        await guarded(sub, event, group.errors)  # records the handler's Exception
+        # One coroutine frame per handler with the plain runner: the handler's own call.
+        await (sub.invoke(event) if guarded is run_guarded else guarded(sub, event, group.errors))
+    except Exception as exc:  # the plain runner's isolation, done here
+        record_failure(sub, event, exc, group.errors)
     except asyncio.CancelledError as exc:
         if not group.cancelling:  # not the emitter's doing: the handler's own failure
             record_stray_cancellation(sub, event, exc, group.errors)
