@@ -23,8 +23,8 @@ Backends:
   release deletes the key only if it still holds this claim's token. When Redis fails or does
   not answer within a short timeout, the claim is granted anyway with ``fallback=True``: a
   throttle that is down must not stop the work it only rate-limits. Load is not an outage:
-  however many claims run at once, each waits for one of the throttle's connections, and one
-  that gets none in time is denied (``saturations``), never granted twice.
+  however many claims run at once, each waits for one of the throttle's connections, and a
+  key is never granted twice because of it.
 
 The fail-open machinery is public for other Redis helpers: `redis_fallback` wraps an async
 function so Redis and network errors (and its own timeout) return a default instead, counted
@@ -37,6 +37,7 @@ imports this module.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
@@ -77,6 +78,7 @@ DEFAULT_MAX_CONNECTIONS: Final = 50
 
 Below redis-py's default pool of 100, so a client shared with a cache keeps connections for it.
 """
+_POOL_RETRY_INTERVAL: Final = 0.005  # a pool exhausted by others raises at once: poll it
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -184,19 +186,19 @@ class RedisThrottle:
     stored as ``prefix + key``. A claim is redis-py's own `redis.asyncio.lock.Lock`, acquired
     without blocking: ``SET key token NX PX window``; release runs its compare-and-delete script.
 
-    ``timeout`` bounds each wait of a claim or release: for one of the throttle's connections,
-    then for Redis's answer (so a claim takes at most twice ``timeout``).
+    Redis fails, is unreachable, or does not answer within ``timeout`` seconds: the claim is
+    granted with ``fallback=True``, counted and logged by ``counter`` (by default a fresh
+    `FallbackCounter` named ``"RedisThrottle"``, warning at most once a minute).
+    ``fallbacks`` is that count.
 
-    - Redis fails, is unreachable, or does not answer in time: the claim is granted with
-      ``fallback=True``, counted and logged by ``counter`` (by default a fresh `FallbackCounter`
-      named ``"RedisThrottle"``, warning at most once a minute). ``fallbacks`` is that count.
-    - Redis is fine but this process is not: at most ``max_connections`` calls are in flight
-      (default: the client's pool size, at most 50). A claim that finds none free within
-      ``timeout``, or whose client pool is exhausted by other users (redis-py's
-      ``MaxConnectionsError``), is *denied*, as if another worker held the window: load must
-      never grant a key twice. It is counted in ``saturations`` and logged at most once per
-      ``counter.warn_interval`` as the throttle's own saturation, not as a Redis failure.
-      Only while Redis's last answer was a failure does such a claim fall back instead.
+    Load is not an outage: at most ``max_connections`` calls are in flight (default: the
+    client's pool size, at most `DEFAULT_MAX_CONNECTIONS`); more concurrent claims wait for
+    one of them, and neither fail open nor are denied for it. Every call in flight ends within
+    ``timeout``, so a claim waits at most ``timeout`` per ``max_connections`` claims ahead of
+    it; behind a hung Redis the queue falls back in waves. Only when the client's pool is
+    exhausted by its *other* users (redis-py's ``MaxConnectionsError``) for ``timeout``
+    seconds is a claim denied, as if another worker held the window: it is counted in
+    ``saturations`` and logged as this process's own load, not as a Redis failure.
     """
 
     def __init__(
@@ -223,10 +225,7 @@ class RedisThrottle:
         self._lock_class = lock_class
         self._not_owned = not_owned
         self._slots = anyio.CapacityLimiter(self.max_connections)
-        self._redis_failing = False  # whether Redis's last answer was a failure
-        guard = redis_fallback(
-            default=None, timeout=timeout, counter=self.counter, on_error=self._failed
-        )
+        guard = redis_fallback(default=None, timeout=timeout, counter=self.counter)
         self._acquire = guard(self._acquire_unguarded)
         self._release_lock = guard(self._release_unguarded)
 
@@ -253,8 +252,8 @@ class RedisThrottle:
         return Claim(key, granted=True, releaser=functools.partial(self._release, lock))
 
     async def _release(self, lock: Any) -> bool:
-        # Release is clean-up, often run while the caller is being cancelled; the timeouts
-        # bound how long the shield can hold the caller.
+        # Release is clean-up, often run while the caller is being cancelled; the calls ahead
+        # of it and its own are bounded by the timeout, and so is the shield.
         with anyio.CancelScope(shield=True):
             released = await self._ask(self._release_lock, lock)
         return bool(released)
@@ -262,69 +261,64 @@ class RedisThrottle:
     async def _ask(
         self, call: Callable[..., Awaitable[bool | None]], lock: Any, *args: str
     ) -> bool | None:
-        """Make one Redis call on a connection slot: its answer, or None to fail open."""
+        """Make one Redis call on one of the throttle's connections: its answer, None to fail open.
+
+        Waiting for a connection has no deadline of its own: a claim that gave up waiting
+        could only fail open (granting a key twice under load) or be denied (skipping work
+        nobody did), and the calls ahead of it each end within the timeout anyway.
+        """
         borrower = object()  # not the task: one task may hold several claims' releases
-        acquired = False
-        with anyio.move_on_after(self._timeout):
-            await self._slots.acquire_on_behalf_of(borrower)
-            acquired = True
-        if not acquired:
-            slots, timeout = self.max_connections, self._timeout
-            return self._no_connection(
-                f"none of its {slots} connections came free within {timeout:g}s"
-            )
+        await self._slots.acquire_on_behalf_of(borrower)
         try:
-            return await call(lock, *args)
-        except _PoolExhausted:
-            return self._no_connection("its client's connection pool was exhausted by other users")
+            return await self._call_on_the_pool(call, lock, *args)
         finally:
             self._slots.release_on_behalf_of(borrower)
 
-    def _no_connection(self, why: str) -> bool | None:
-        if self._redis_failing:
-            # Waiting behind calls to a Redis that fails: an outage after all, so fail open.
-            self.counter.record(TimeoutError(f"{why} while Redis calls were failing"))
-            return None
-        self.saturations += 1
-        self._warn_saturated(why)
-        return False
+    async def _call_on_the_pool(
+        self, call: Callable[..., Awaitable[bool | None]], lock: Any, *args: str
+    ) -> bool | None:
+        # The client's pool may be shared with other code that holds every connection: it
+        # raises at once, without I/O, so retry until one comes back or the timeout passes.
+        give_up_at = anyio.current_time() + self._timeout
+        while True:
+            try:
+                return await call(lock, *args)
+            except _PoolExhausted:
+                if anyio.current_time() >= give_up_at:
+                    self._saturated()
+                    return False
+                await anyio.sleep(_POOL_RETRY_INTERVAL)
 
-    def _warn_saturated(self, why: str) -> None:
+    def _saturated(self) -> None:
+        self.saturations += 1
         now, interval = self.counter._clock(), self.counter.warn_interval
         warned_at = self._saturation_warned_at
         if warned_at is not None and now - warned_at < interval:
             return
         self._saturation_warned_at = now
         logger.warning(
-            "%s denied a claim: %s. Redis was answering: this process's own load, not an "
-            "outage; raise max_connections or timeout, or give the throttle a client of its "
-            "own (%d saturations so far; next warning in %gs at the earliest)",
+            "%s denied a claim: its client's connection pool was exhausted by other users for "
+            "%gs. Redis is not at fault: this process's own load; give the throttle a client "
+            "of its own, or a larger pool (%d saturations so far; next warning in %gs at the "
+            "earliest)",
             self.counter.name,
-            why,
+            self._timeout,
             self.saturations,
             interval,
             extra={"fallback_name": self.counter.name, "saturations": self.saturations},
         )
 
-    def _failed(self, exc: Exception) -> None:
-        self._redis_failing = True
-
     async def _acquire_unguarded(self, lock: Any, token: str) -> bool:
         with _pool_exhaustion():
-            acquired = bool(await lock.acquire(token=token))
-        self._redis_failing = False
-        return acquired
+            return bool(await lock.acquire(token=token))
 
     async def _release_unguarded(self, lock: Any) -> bool:
         try:
             with _pool_exhaustion():
                 await lock.release()
         except self._not_owned:  # a RedisError, but an answer: the window expired, maybe
-            released = False  # claimed again since, and that claim is someone else's
-        else:
-            released = True
-        self._redis_failing = False
-        return released
+            return False  # claimed again since, and that claim is someone else's
+        return True
 
 
 class _PoolExhausted(Exception):
@@ -385,6 +379,8 @@ class FallbackCounter:
 
     The first failure is logged at once, then at most one every ``warn_interval`` seconds
     (``0`` logs each one), on the ``aioevents.throttle`` logger, with the count so far.
+    ``causes`` counts them by exception type name (``{"TimeoutError": 3}``): the warnings
+    name only the first cause of each interval.
     ``clock`` returns seconds and is injectable for tests; it defaults to `time.monotonic`.
     """
 
@@ -402,12 +398,14 @@ class FallbackCounter:
         self.name = name
         self.warn_interval = warn_interval
         self.count = 0
+        self.causes: collections.Counter[str] = collections.Counter()
         self._clock = clock
         self._warned_at: float | None = None
 
     def record(self, exc: BaseException) -> None:
         """Count one absorbed failure, and log it unless a warning was logged recently."""
         self.count += 1
+        self.causes[type(exc).__name__] += 1
         now = self._clock()
         if self._warned_at is not None and now - self._warned_at < self.warn_interval:
             return

@@ -125,6 +125,11 @@ class CountingThrottle(PlatformThrottle):
     def saturations(self) -> int:
         return self.throttle.saturations if isinstance(self.throttle, RedisThrottle) else 0
 
+    @property
+    def fallback_causes(self) -> dict[str, int]:
+        redis = self.throttle if isinstance(self.throttle, RedisThrottle) else None
+        return dict(redis.counter.causes) if redis is not None else {}
+
 
 async def work(argv: Sequence[str]) -> dict[str, int]:
     url, schema, redis_url, prefix, seed, start, count = argv
@@ -146,6 +151,8 @@ async def work(argv: Sequence[str]) -> dict[str, int]:
         "granted": throttle.granted,
         "fallback_granted": throttle.fallback_granted,
         "saturations": throttle.saturations,
+        "timeouts": throttle.fallback_causes.pop("TimeoutError", 0),
+        "other_fallbacks": sum(throttle.fallback_causes.values()),
     }
 
 
