@@ -411,10 +411,11 @@ class FallbackCounter:
             return
         self._warned_at = now
         logger.warning(
-            "%s failed open after %s: Redis failed, is unreachable or did not answer in time "
-            "(%d fallbacks so far; next warning in %gs at the earliest)",
+            "%s failed open after %s: %s (%d fallbacks so far; next warning in %gs at the "
+            "earliest)",
             self.name,
             _describe(exc),
+            _blame(exc),
             self.count,
             self.warn_interval,
             extra={"fallback_name": self.name, "fallbacks": self.count},
@@ -481,6 +482,23 @@ def _absorbed_errors() -> tuple[type[Exception], ...]:
     except ImportError:  # without redis installed, no RedisError can be raised
         return (OSError,)  # TimeoutError and ConnectionError are OSErrors
     return (RedisError, OSError)
+
+
+def _blame(exc: BaseException) -> str:
+    try:
+        from redis.exceptions import MaxConnectionsError
+    except ImportError:
+        return _REDIS_BLAMED
+    if isinstance(exc, MaxConnectionsError):
+        return _POOL_BLAMED
+    return _REDIS_BLAMED
+
+
+_REDIS_BLAMED: Final = "Redis failed, is unreachable or did not answer in time"
+_POOL_BLAMED: Final = (
+    "the client's connection pool had no free connection: this process's own load, "
+    "not a Redis failure"
+)
 
 
 def _describe(exc: BaseException) -> str:

@@ -862,6 +862,18 @@ async def test_redis_fallback_names_its_own_counter_after_the_function(
     )
 
 
+def test_a_fallback_for_an_exhausted_client_pool_does_not_blame_redis(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="aioevents.throttle")
+    FallbackCounter("cache").record(redis.exceptions.MaxConnectionsError("Too many connections"))
+    [warning] = throttle_warnings(caplog)
+    assert warning.getMessage().startswith(
+        "cache failed open after MaxConnectionsError: Too many connections: the client's "
+        "connection pool had no free connection: this process's own load, not a Redis failure"
+    )
+
+
 def test_fallback_counter_with_zero_interval_warns_every_time(
     clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
