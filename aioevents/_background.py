@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from ._dispatch import FINISHED, Guarded, first_step, resume_in_context
+from ._dispatch import FINISHED, Guarded, resume_in_context
 from ._exceptions import BusStateError, QueueFullError
 from ._names import event_name
 from ._policies import BatchPolicy
@@ -63,18 +63,22 @@ class _PriorityQueue:
 
     def __init__(self, capacity: int) -> None:
         # (-priority, arrival, event, the publisher's context): handlers see its contextvars
-        self._heap: list[tuple[int, int, object, Context]] = []
+        self.heap: list[tuple[int, int, object, Context]] = []
         self._order = itertools.count()
         self.free = anyio.Semaphore(capacity)
-        self.queued = anyio.Semaphore(0)
+        # Workers that found the queue empty wait for one event together: a publisher wakes
+        # them when the queue fills again, not once per event.
+        self._arrived = anyio.Event()
+        self._idle_workers = 0
+        self._waking = False  # _arrived is set: the idle workers are being woken
         self._waiting = 0
         self.closed = False
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self.heap)
 
-    # Background.publish and ._work take the tokens themselves (with _acquire), then push or
-    # pop: one coroutine frame less per event on the path every background event takes.
+    # Background.publish takes a free place itself (with _acquire), then pushes: one
+    # coroutine frame less per event on the path every background event takes.
 
     async def wait_for_place(self) -> None:
         self._waiting += 1
@@ -102,39 +106,50 @@ class _PriorityQueue:
         self.push(event, priority, context)
 
     def push(self, event: object, priority: int, context: Context) -> None:
-        heapq.heappush(self._heap, (-priority, next(self._order), event, context))
-        self.queued.release()
+        heapq.heappush(self.heap, (-priority, next(self._order), event, context))
+        if self._idle_workers and not self._waking:
+            self._waking = True
+            self._arrived.set()
+
+    async def wait_for_events(self) -> None:
+        """Wait until the queue holds an event (another worker may take it first)."""
+        self._idle_workers += 1
+        try:
+            await self._arrived.wait()
+        finally:
+            self._idle_workers -= 1
+            if not self._idle_workers and self._waking:
+                self._arrived = anyio.Event()  # every waiter woke: the next ones wait anew
+                self._waking = False
 
     def pop(self) -> tuple[object, Context]:
-        _, _, event, context = heapq.heappop(self._heap)
+        _, _, event, context = heapq.heappop(self.heap)
         self.free.release()
         return event, context
 
     def take_all(self) -> list[object]:
-        return [heapq.heappop(self._heap)[2] for _ in range(len(self._heap))]
+        return [heapq.heappop(self.heap)[2] for _ in range(len(self.heap))]
 
 
-async def _acquire(semaphore: anyio.Semaphore, wait: Callable[[], Awaitable[None]]) -> None:
-    """Take a token at once if there is one, else wait for it; either way, yield once.
+# Places (publishers) or events (workers) taken between two yields to the event loop: a
+# yield on each cost three quarters of the time per event; 16 keeps the p99 from publish to
+# handler start well under 100 µs (benchmarks/bench_background.py).
+_YIELD_EVERY = 16
 
-    anyio's ``acquire`` pays for a cancel scope and a checkpoint even when a token is free,
-    which made queueing cost more than delivering. The one yield stays: without it, one
-    worker would drain the whole queue while the others and the publisher starve. A
-    cancellation during that yield gives the token back, so nothing is taken half-way.
-    """
+
+async def _yield_or_give_back(places: anyio.Semaphore) -> None:
     try:
-        semaphore.acquire_nowait()
-    except anyio.WouldBlock:
-        await wait()
-        return
-    try:
-        if _get_running_loop() is not None:
-            await asyncio.sleep(0)
-        else:
-            await anyio.lowlevel.checkpoint()
+        await _yield()
     except BaseException:
-        semaphore.release()
+        places.release()
         raise
+
+
+async def _yield() -> None:
+    if _get_running_loop() is not None:
+        await asyncio.sleep(0)  # a bare yield: no cancel scope machinery
+    else:
+        await anyio.lowlevel.checkpoint()
 
 
 @dataclass(eq=False)
@@ -193,6 +208,8 @@ class Background:
         self._guarded = guarded  # the bus's current runner (it changes with its hooks)
         self._workers = workers
         self._queue = _PriorityQueue(queue_size)
+        # Free places taken and events taken: each end yields every _YIELD_EVERY of them.
+        self._places_taken = self._events_taken = 0
         self._on_error = on_error
         self._task_group = anyio.create_task_group()
         self._scopes: list[anyio.CancelScope] = []  # one shield per worker and flusher
@@ -229,10 +246,24 @@ class Background:
     # -- queue -------------------------------------------------------------------------------
 
     async def publish(self, event: object, priority: int) -> None:
+        """Take a free place and queue the event; wait while the queue is full.
+
+        anyio's ``acquire`` pays for a cancel scope and a checkpoint even when a place is
+        free, which made queueing cost more than delivering: a free place is taken directly.
+        A yield every ``_YIELD_EVERY`` places stays, so that a publishing loop lets the
+        workers run; a cancellation during it gives the place back, so nothing is half-queued.
+        """
         queue = self._queue
         self._unfinished += 1
         try:
-            await _acquire(queue.free, queue.wait_for_place)
+            try:
+                queue.free.acquire_nowait()
+            except anyio.WouldBlock:
+                await queue.wait_for_place()  # back-pressure
+            else:
+                self._places_taken += 1
+                if not self._places_taken % _YIELD_EVERY:
+                    await _yield_or_give_back(queue.free)
         except BaseException:
             self._finished()
             raise
@@ -243,20 +274,27 @@ class Background:
         self._unfinished += 1
 
     async def _work(self) -> None:
-        queue = self._queue
+        queue, waiting = self._queue, self._queue.heap
         while True:
-            await _acquire(queue.queued, queue.queued.acquire)
+            if not waiting:
+                await queue.wait_for_events()
+                continue
             event, context = queue.pop()
             try:
                 await self._deliver_in(context, event)
             finally:
-                self._finished()
+                self._unfinished -= 1  # what _finished() does, without the call per event
+                if not self._unfinished:
+                    self._now_idle()
+            self._events_taken += 1
+            if not self._events_taken % _YIELD_EVERY:  # the others, publishers too, get a turn
+                await _yield()
 
     async def _deliver_in(self, context: Context, event: object) -> None:
         """Deliver one event in the publisher's context, as emit would have run there."""
         try:
             step = self._deliver(event).__await__()
-            yielded = first_step(context, step)
+            yielded = context.run(next, step, FINISHED)  # see first_step
             if yielded is not FINISHED:
                 await resume_in_context(context, step, yielded)
         except anyio.get_cancelled_exc_class():
@@ -279,9 +317,12 @@ class Background:
 
     def _finished(self) -> None:
         self._unfinished -= 1
-        if self._unfinished == 0:
-            self._idle.set()
-            self._idle = anyio.Event()
+        if not self._unfinished:
+            self._now_idle()
+
+    def _now_idle(self) -> None:
+        self._idle.set()
+        self._idle = anyio.Event()
 
     async def _report(self, errors: Sequence[HandlerError]) -> None:
         if self._on_error is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 import types
 from collections.abc import Callable, Generator, Iterable, Sequence
 from contextvars import copy_context
@@ -53,6 +54,8 @@ __all__ = ["EventBus"]
 E = TypeVar("E")
 _get_running_loop = asyncio._get_running_loop  # None when not on asyncio (trio)
 _current_task = asyncio.current_task
+_EAGER_START = sys.version_info >= (3, 12)  # asyncio.Task(..., eager_start=True)
+_Task: Any = asyncio.Task  # untyped: mypy checks as Python 3.11, which has no eager_start
 
 
 class EventBus(HandlerDecorators):
@@ -373,8 +376,16 @@ class EventBus(HandlerDecorators):
         Waits while the queue is full (back-pressure). Handler failures go to ``on_error``
         and the log, never to the publisher.
         """
-        self._check_publishable(event, priority)
-        await self._require_running().publish(event, priority)
+        background = self._background
+        if (  # one test for the common case: running, an int priority, a known event type
+            background is None
+            or not background.accepting
+            or type(priority) is not int
+            or type(event) not in self._routes
+        ):
+            self._check_publishable(event, priority)  # raises what is wrong, or builds the route
+            background = self._require_running()
+        await background.publish(event, priority)
 
     def publish_nowait(self, event: object, *, priority: int = 0) -> None:
         """Like `publish`, but raise `QueueFullError` instead of waiting for a free place."""
@@ -468,7 +479,14 @@ async def _run_on_asyncio(
     BaseException is raised here.
     """
     group = _Countdown(loop, len(subs), errors)
-    tasks = [loop.create_task(_counted(guarded, sub, event, group)) for sub in subs]
+    if _EAGER_START and loop.get_task_factory() is None:
+        # Python 3.12+: each handler runs at once, up to its first suspension, as its task
+        # is made (in subscription order still); one that never suspends costs no loop turn.
+        tasks = [
+            _Task(_counted(guarded, sub, event, group), loop=loop, eager_start=True) for sub in subs
+        ]
+    else:
+        tasks = [loop.create_task(_counted(guarded, sub, event, group)) for sub in subs]
     try:
         await group.done
     finally:

@@ -270,20 +270,47 @@ async def test_without_an_error_hook_background_failures_are_logged(
 
 
 async def test_a_publish_cancelled_before_it_returns_queues_nothing() -> None:
+    bus, handled, gate = EventBus(workers=1, queue_size=1), list[int](), Gate()
+
+    @bus.on(Job)
+    async def record(job: Job) -> None:
+        if job.number == 0:
+            await gate.hold()
+        handled.append(job.number)
+
+    async with bus:
+        await bus.publish(Job(0))
+        await gate.entered.wait()
+        await bus.publish(Job(1))  # the queue is full now
+        with anyio.move_on_after(0.01) as scope:
+            await bus.publish(Job(2))  # waits for a place, and is cancelled waiting
+        assert scope.cancelled_caught
+        gate.opened.set()
+    assert bus.last_drain == DrainReport(delivered=2)
+    assert handled == [0, 1]
+
+
+@pytest.mark.parametrize("publishes", [1, 15, 16, 17, 40])
+async def test_publish_yields_every_so_often_and_a_cancellation_there_queues_nothing(
+    publishes: int,
+) -> None:
     bus, handled = EventBus(), list[int]()
 
     @bus.on(Job)
     async def record(job: Job) -> None:
         handled.append(job.number)
 
+    published = 0
     async with bus:
         with anyio.CancelScope() as scope:
-            scope.cancel()
-            await bus.publish(Job(1))
-        assert scope.cancelled_caught
-        report = await bus.stop()
-    assert report == DrainReport(delivered=0)
-    assert handled == []
+            scope.cancel()  # every yield of a publish raises the cancellation
+            for number in range(publishes):
+                await bus.publish(Job(number))
+                published += 1
+    # A publish that returned queued its event; the one that raised queued nothing.
+    assert sorted(handled) == list(range(published))
+    assert published == min(publishes, 15)  # the 16th place taken yields: it is cancelled
+    assert scope.cancelled_caught == (publishes >= 16)
 
 
 async def test_a_failing_error_hook_is_logged(caplog: pytest.LogCaptureFixture) -> None:
