@@ -271,14 +271,7 @@ class EventBus(HandlerDecorators):
         elif (loop := _get_running_loop()) is not None:
             await _run_on_asyncio(loop, self._guarded, subs, event, errors)
         else:
-            # trio schedules new tasks in no fixed order: each handler is started, and has
-            # run to its first checkpoint, before the next one is spawned.
-            try:
-                async with anyio.create_task_group() as task_group:
-                    for sub in subs:
-                        await task_group.start(_started, self._guarded, sub, event, errors)
-            except BaseExceptionGroup as group:
-                _raise_as_on_asyncio(group)
+            await _run_on_trio(self._guarded, subs, event, errors)
         if not errors:
             return route.ok_result
         if strict:
@@ -549,19 +542,64 @@ async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
                 continue
 
 
-async def _started(
+async def _run_on_trio(
+    guarded: Guarded, subs: Sequence[Subscription], event: object, errors: list[HandlerError]
+) -> None:
+    """Run handlers in a trio nursery, started in subscription order, and wait for all.
+
+    trio runs the tasks made in one scheduling round in their order or reversed, at random
+    (on purpose: code must not depend on it). So each task takes its turn from a `_Turns`:
+    one that comes before its turn parks, and the first to start wakes those parked, in
+    order, for the next round. In order, nothing parks; reversed, one round more or two.
+    """
+    import trio  # reached on trio only: the core imports with anyio alone
+    import trio.lowlevel
+
+    turns = _Turns(trio.lowlevel)
+    try:
+        async with trio.open_nursery() as nursery:
+            for index, sub in enumerate(subs):
+                nursery.start_soon(_in_turn, turns, index, guarded, sub, event, errors)
+    except BaseExceptionGroup as group:
+        _raise_from_nursery(group)
+
+
+class _Turns:
+    """Whose turn it is to start, and the trio tasks parked until theirs."""
+
+    __slots__ = ("lowlevel", "next", "parked")
+
+    def __init__(self, lowlevel: types.ModuleType) -> None:
+        self.lowlevel: Any = lowlevel  # trio.lowlevel
+        self.next = 0
+        self.parked: dict[int, Any] = {}
+
+
+async def _in_turn(
+    turns: _Turns,
+    index: int,
     guarded: Guarded,
     sub: Subscription,
     event: object,
     errors: list[HandlerError],
-    *,
-    task_status: anyio.abc.TaskStatus[None],
 ) -> None:
-    task_status.started()
+    lowlevel = turns.lowlevel
+    while turns.next != index:
+        turns.parked[index] = lowlevel.current_task()
+
+        def unpark(_: object) -> object:  # cancelled while parked: it never started
+            turns.parked.pop(index, None)
+            return lowlevel.Abort.SUCCEEDED
+
+        await lowlevel.wait_task_rescheduled(unpark)
+    turns.next = index + 1
+    if turns.parked:
+        for waiting in sorted(turns.parked):  # they run in the next round, in order
+            lowlevel.reschedule(turns.parked.pop(waiting))
     await guarded(sub, event, errors)
 
 
-def _raise_as_on_asyncio(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+def _raise_from_nursery(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     """Raise what a trio task group of handlers raised as the asyncio path would.
 
     A handler's BaseException replaces the cancellations it caused among its siblings, and
@@ -569,7 +607,9 @@ def _raise_as_on_asyncio(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     """
     cancelled = anyio.get_cancelled_exc_class()
     _, others = group.split(cancelled)
-    failures = list(others.exceptions) if others is not None else list(group.exceptions)
+    if others is None:  # cancelled: one cancellation says it (trio's is level-triggered)
+        raise group.exceptions[0] from None
+    failures = list(others.exceptions)
     if len(failures) == 1:
         raise failures[0] from None
     raise BaseExceptionGroup("handlers raised", failures) from None
