@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import sys
 import types
 from collections.abc import Callable, Generator, Iterable, Sequence
 from contextvars import copy_context
-from typing import Any, NoReturn, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import anyio
 import anyio.abc
@@ -40,6 +41,7 @@ from ._dispatch import (
     record_failure,
     record_stray_cancellation,
     run_guarded,
+    run_to_the_end,
 )
 from ._exceptions import BusStateError, SubscriptionError
 from ._names import event_name
@@ -55,6 +57,7 @@ E = TypeVar("E")
 _get_running_loop = asyncio._get_running_loop  # None when not on asyncio (trio)
 _current_task = asyncio.current_task
 _EAGER_START = sys.version_info >= (3, 12)  # asyncio.Task(..., eager_start=True)
+_TASKGROUP_LEAVES_COUNT = sys.version_info < (3, 13)  # see _cancelled_again
 _Task: Any = asyncio.Task  # untyped: mypy checks as Python 3.11, which has no eager_start
 
 
@@ -105,6 +108,7 @@ class EventBus(HandlerDecorators):
         self._drain_timeout = drain_timeout
         self._background: Background | None = None
         self._last_drain: DrainReport | None = None
+        self._owner: int | None = None  # the task that entered `async with bus:`
         self._registry = Registry()
         self._routes = self._registry.routes
         self._limiter = anyio.CapacityLimiter(max_concurrency) if max_concurrency else None
@@ -267,7 +271,7 @@ class EventBus(HandlerDecorators):
                     raise  # the emitter's own cancellation
                 record_stray_cancellation(sub, event, exc, errors)
             if yielded is not FINISHED:
-                await _cancelled_again(task, pending)
+                await _cancelled_again(task, pending, errors)
         elif (loop := _get_running_loop()) is not None:
             await _run_on_asyncio(loop, self._guarded, subs, event, errors)
         else:
@@ -308,6 +312,7 @@ class EventBus(HandlerDecorators):
             raise BusStateError(f"{self!r} is already running")
         background = self._new_background(self.emit, lambda: self._guarded)
         batch_subs = [sub for sub in self._registry.all() if sub.batch is not None]
+        self._owner = anyio.get_current_task().id
         await background.start(batch_subs)
         self._background = background
         self._registry.set_batching(True)
@@ -341,27 +346,41 @@ class EventBus(HandlerDecorators):
         Call it from the task that entered the bus.
         """
         check_seconds("drain_timeout", drain_timeout, none=True)
+        background = self._stoppable()
+        background.stopping = True
+        drain_timeout = drain_timeout or self._drain_timeout
+        try:
+            # Whatever cancels the owner meanwhile (a timeout, a failing sibling, Ctrl-C), the
+            # drain runs its course; the cancellation is raised after the report is kept.
+            await run_to_the_end(background.drain(drain_timeout), what="the drain")
+        finally:
+            self._registry.set_batching(False)
+            # Here, not in the drain's task: the task group was entered by the owner, so it is
+            # left by the owner. Whatever that raises, the report is kept first.
+            try:
+                await background.close()
+            finally:
+                self._background = None
+                left = background.left()
+                timed_out = background.timed_out
+                self._last_drain = DrainReport(background.delivered, tuple(left), timed_out)
+                if left:
+                    log_undelivered(left, _why_left(background.fatal, timed_out, drain_timeout))
+        return self._last_drain
+
+    def _stoppable(self) -> Background:
         background = self._background
         if background is None:
             raise BusStateError(f"{self!r} is not running: there is nothing to stop")
-        drain_timeout = drain_timeout or self._drain_timeout
-        try:
-            with anyio.CancelScope(shield=True):
-                drained = await background.drain(drain_timeout)
-        finally:
-            self._registry.set_batching(False)
-        # Outside the shield: the task group was entered before it, so it is left after it.
-        # Whatever that raises (a handler's BaseException, the owner's cancellation), the
-        # report is kept first.
-        try:
-            await background.close()
-        finally:
-            self._background = None
-            left = background.left()
-            self._last_drain = DrainReport(background.delivered, tuple(left), not drained)
-            if left:
-                log_undelivered(left, _why_left(background.fatal, drained, drain_timeout))
-        return self._last_drain
+        if anyio.get_current_task().id != self._owner:
+            raise BusStateError(
+                f"stop() is called by the task that entered `async with {self!r}:` (the task "
+                f"group of its workers lives there); to stop it from elsewhere, signal that "
+                f"task, for example with an anyio.Event it waits for"
+            )
+        if background.stopping:
+            raise BusStateError(f"{self!r} is already stopping")
+        return background
 
     async def publish(self, event: object, *, priority: int = 0) -> None:
         """Queue ``event`` for background delivery and return; higher ``priority`` goes first.
@@ -438,22 +457,32 @@ def _cancellations() -> tuple[asyncio.Task[Any] | None, int]:
     return task, task.cancelling() if task is not None else 0
 
 
-async def _cancelled_again(task: asyncio.Task[Any] | None, pending: int) -> None:
+async def _cancelled_again(
+    task: asyncio.Task[Any] | None, pending: int, errors: list[HandlerError]
+) -> None:
     """Raise the emitter's cancellation if an inline handler swallowed it.
 
-    A handler may catch the cancellation thrown into it and return (or raise something
-    else); the emitter is cancelled all the same. On asyncio the task's count of pending
-    cancellations says so (a handler's own timeouts take theirs back, so they do not count):
-    an anyio cancel scope delivers its cancellation again at a checkpoint, with the message
-    that lets the scope recognise it; asyncio's own (task.cancel(), asyncio.timeout) are
-    delivered once, so a CancelledError is raised for them. On trio, cancellation is
-    level-triggered: the checkpoint raises it.
+    A handler may catch the cancellation thrown into it and return, or raise something else;
+    the emitter is cancelled all the same. anyio cancel scopes (and trio) are level-triggered:
+    a checkpoint delivers their cancellation again, with what lets the scope recognise it.
+    asyncio's own (task.cancel(), asyncio.timeout) are delivered once: the task's count of
+    pending cancellations says one was requested (a handler's own timeouts take theirs back),
+    and a CancelledError is raised for it.
+
+    Except after an asyncio.TaskGroup in the handler failed, on Python 3.11 and 3.12: it
+    cancels the task it runs in, the emitter's, and then leaves the count raised (fixed in
+    3.13). Its ExceptionGroup is the handler's failure, recorded; no cancellation is made up.
     """
-    if task is None:
+    if task is None:  # trio
         await anyio.lowlevel.checkpoint_if_cancelled()
     elif task.cancelling() > pending:
         await anyio.lowlevel.checkpoint_if_cancelled()
-        raise asyncio.CancelledError
+        if not (_TASKGROUP_LEAVES_COUNT and errors and _is_group(errors[0].exception)):
+            raise asyncio.CancelledError
+
+
+def _is_group(exc: BaseException) -> bool:
+    return isinstance(exc, BaseExceptionGroup)
 
 
 async def _run_on_asyncio(
@@ -561,7 +590,10 @@ async def _run_on_trio(
             for index, sub in enumerate(subs):
                 nursery.start_soon(_in_turn, turns, index, guarded, sub, event, errors)
     except BaseExceptionGroup as group:
-        _raise_from_nursery(group)
+        raised = _as_on_asyncio(group)
+    else:
+        return
+    raise raised  # out of the except block: it keeps its own __cause__ and __context__
 
 
 class _Turns:
@@ -599,26 +631,25 @@ async def _in_turn(
     await guarded(sub, event, errors)
 
 
-def _raise_from_nursery(group: BaseExceptionGroup[BaseException]) -> NoReturn:
-    """Raise what a trio task group of handlers raised as the asyncio path would.
+def _as_on_asyncio(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What a trio nursery of handlers raised, as the asyncio path raises it.
 
     A handler's BaseException replaces the cancellations it caused among its siblings, and
     one exception is raised as itself, as an inline handler's would be.
     """
-    cancelled = anyio.get_cancelled_exc_class()
-    _, others = group.split(cancelled)
+    _, others = group.split(anyio.get_cancelled_exc_class())
     if others is None:  # cancelled: one cancellation says it (trio's is level-triggered)
-        raise group.exceptions[0] from None
+        return group.exceptions[0]
     failures = list(others.exceptions)
     if len(failures) == 1:
-        raise failures[0] from None
-    raise BaseExceptionGroup("handlers raised", failures) from None
+        return failures[0]
+    return BaseExceptionGroup("handlers raised", failures)
 
 
-def _why_left(fatal: BaseException | None, drained: bool, drain_timeout: float) -> str:
+def _why_left(fatal: BaseException | None, timed_out: bool, drain_timeout: float) -> str:
     if fatal is not None:
         return f"a handler raised {fatal!r}"
-    if not drained:
+    if timed_out:
         return f"the drain timed out after {drain_timeout}s"
     return "their delivery failed outside any handler"
 
@@ -633,6 +664,11 @@ def _checked_hook(hook: Hook) -> Hook:
     for method in ("handler_started", "handler_finished"):
         if not callable(getattr(hook, method, None)):
             raise TypeError(f"a hook needs a {method}() method (see aioevents.Hook), got {hook!r}")
+        if inspect.iscoroutinefunction(getattr(hook, method)):
+            raise TypeError(
+                f"{type(hook).__qualname__}.{method} is async: hook methods are called, not "
+                f"awaited, on the hot path; make them plain functions (see aioevents.Hook)"
+            )
     return hook
 
 

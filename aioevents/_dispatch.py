@@ -37,6 +37,7 @@ __all__ = [
     "record_stray_cancellation",
     "resume_in_context",
     "run_guarded",
+    "run_to_the_end",
 ]
 
 logger = logging.getLogger("aioevents")
@@ -113,33 +114,68 @@ def _in_thread(handler: Handler, name: str, timeout: float | None) -> Invoke:
         started = anyio.current_time()
         # A thread cannot be interrupted; it is waited for, so that nothing of this emit is
         # still running once emit returns, and an overrun is reported as a timeout after it.
-        await _thread_to_its_end(_call_sync, handler, name, event)
+        await _thread_to_its_end(_call_sync, handler, name, event, name=name)
         if timeout is not None and anyio.current_time() - started > timeout:
             raise TimeoutError(f"sync handler {name} ran longer than its {timeout}s timeout")
 
     return invoke
 
 
-async def _thread_to_its_end(func: Callable[..., T], *args: object) -> T:
+async def _thread_to_its_end(func: Callable[..., T], *args: object, name: str) -> T | None:
     """``anyio.to_thread.run_sync``, waited for to its end whatever cancels the caller.
 
-    anyio shields the wait from its own cancel scopes, but on asyncio a native
-    ``task.cancel()`` (``asyncio.timeout`` too) goes through that shield, and the thread would
-    run on after the emit returned. So on asyncio the thread is awaited from a task of its
-    own; a cancellation waits for that task, then goes on.
+    anyio shields the wait for a running thread from its own cancel scopes; on asyncio a
+    native ``task.cancel()`` (``asyncio.timeout`` too) would go through that shield, and the
+    thread run on after the emit returned: see `run_to_the_end`. Waiting for a free thread
+    is not shielded: a cancellation then stops the handler before it started.
     """
     if _get_running_loop() is None:  # trio: every cancellation goes through anyio's shield
         return await anyio.to_thread.run_sync(func, *args)
-    thread = asyncio.ensure_future(anyio.to_thread.run_sync(func, *args))
+    waiting = anyio.CancelScope()  # a running thread is shielded from it by anyio
+    return await run_to_the_end(
+        _in_scope(waiting, anyio.to_thread.run_sync(func, *args)),
+        if_cancelled=waiting.cancel,
+        what=f"sync handler {name}",
+    )
+
+
+async def _in_scope(scope: anyio.CancelScope, call: Awaitable[T]) -> T | None:
+    with scope:
+        return await call
+    return None  # the scope was cancelled before the thread started
+
+
+async def run_to_the_end(
+    call: Coroutine[Any, Any, T],
+    *,
+    if_cancelled: Callable[[], object] | None = None,
+    what: str,
+) -> T:
+    """Await ``call`` to its end whatever cancels the caller; then raise the cancellation.
+
+    anyio's shield holds against anyio's cancel scopes (and so on trio), but on asyncio a
+    native ``task.cancel()`` goes through it. So on asyncio the call runs in a task of its
+    own, which no cancellation of the caller reaches; the caller waits for it, then raises
+    its cancellation. ``if_cancelled`` is told when that happens. What the call raised after
+    its caller was cancelled has nobody left to report to: it is logged, naming ``what``.
+    """
+    if _get_running_loop() is None:
+        with anyio.CancelScope(shield=True):
+            return await call
+    task = asyncio.ensure_future(call)
     try:
-        return await asyncio.shield(thread)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
+        if if_cancelled is not None:
+            if_cancelled()
         with anyio.CancelScope(shield=True):  # no anyio redelivery while it waits
-            while not thread.done():
+            while not task.done():
                 try:
-                    await asyncio.wait([thread])
-                except asyncio.CancelledError:  # another native cancel: the thread still runs
+                    await asyncio.wait([task])
+                except asyncio.CancelledError:  # another native cancel: it still runs
                     continue
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.error("%s failed after its caller was cancelled", what, exc_info=error)
         raise
 
 

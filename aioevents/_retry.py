@@ -7,7 +7,11 @@ attempts.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+
+import anyio
+import anyio.lowlevel
 
 from ._policies import Retry
 from ._subscription import Invoke
@@ -27,7 +31,7 @@ def with_retry(invoke: Invoke, retry: Retry) -> Invoke:
         ) from None
 
     async def invoke_with_retry(event: Any) -> None:
-        attempt_number = 0
+        attempt_number, cancellations = 0, _cancellations()
         try:
             async for attempt in stamina.retry_context(
                 on=retry.on,
@@ -39,12 +43,34 @@ def with_retry(invoke: Invoke, retry: Retry) -> Invoke:
             ):
                 with attempt:
                     attempt_number = attempt.num
-                    await invoke(event)
+                    try:
+                        await invoke(event)
+                    except retry.on:
+                        await _no_retry_once_cancelled(cancellations)
+                        raise
         except Exception as exc:
             setattr(exc, _ATTEMPTS, attempt_number)
             raise
 
     return invoke_with_retry
+
+
+def _cancellations() -> int:
+    """The current asyncio task's pending cancellations (0 on trio)."""
+    task = asyncio.current_task() if asyncio._get_running_loop() is not None else None
+    return task.cancelling() if task is not None else 0
+
+
+async def _no_retry_once_cancelled(before: int) -> None:
+    """Raise the cancellation that came while an attempt ran, instead of retrying.
+
+    A handler may turn its cancellation into a retryable error (client libraries do):
+    retrying would run the handler on after its emit was cancelled. anyio scopes (and trio)
+    deliver theirs again at a checkpoint; asyncio's own are counted on the task.
+    """
+    await anyio.lowlevel.checkpoint_if_cancelled()
+    if _cancellations() > before:
+        raise asyncio.CancelledError
 
 
 def attempts_of(exc: BaseException) -> int:
