@@ -50,8 +50,10 @@ class DrainReport:
     ``delivered`` counts the events workers handed to their handlers (for a batch handler:
     added to its batch). ``undelivered`` holds the events that were still queued or batched,
     or whose handlers were interrupted, when the drain timed out or a handler raised a
-    `BaseException`: persist or re-publish them, they are not lost. The last report of a bus
-    stays readable as `EventBus.last_drain`.
+    `BaseException`: persist or re-publish them, they are not lost. An interrupted event may
+    have been handled in part (a handler that had finished, a sync handler's thread that ran
+    to its end): publishing it again is at least once. The last report of a bus stays
+    readable as `EventBus.last_drain`.
     """
 
     delivered: int
@@ -164,11 +166,31 @@ async def _in_a_copy_of_the_context(call: Coroutine[Any, Any, None]) -> None:
         await resume_in_context(context, step, yielded)
 
 
-def _forget_stray_cancellation() -> None:
-    """A handler cancelled the worker's task itself: take that request back (on asyncio)."""
+async def _surviving_strays(
+    background: Background, what: str, work: Callable[..., Awaitable[None]], *args: Any
+) -> None:
+    """Run ``work`` again after a cancellation that a handler made of the task's own.
+
+    A handler runs in the task that delivers it (a single one inline): one that cancels
+    ``asyncio.current_task()`` and returns at once leaves that cancellation to land anywhere
+    in the worker's loop. Only the bus cancels its tasks, and says so with its closing flag.
+    """
+    while True:
+        try:
+            await work(*args)
+            return
+        except anyio.get_cancelled_exc_class():
+            if background.closing:
+                raise
+            _forget_stray_cancellation(f"a handler run by a {what}", f"the {what} goes on")
+
+
+def _forget_stray_cancellation(who: str, consequence: str) -> None:
+    """A handler cancelled the task delivering it: take that request back (on asyncio)."""
     task = asyncio.current_task() if _get_running_loop() is not None else None
     if task is not None and task.cancelling():
         task.uncancel()
+    logger.error("%s cancelled the task delivering it (its own task); %s", who, consequence)
 
 
 async def _yield_or_give_back(queue: _PriorityQueue) -> None:
@@ -252,7 +274,7 @@ class Background:
         self._idle = anyio.Event()
         self._undelivered: list[object] = []  # interrupted, or failed outside any handler
         self._fatal: BaseException | None = None  # a handler's BaseException ends it all
-        self._closing = False  # the bus cancels its workers: their cancellation is its own
+        self.closing = False  # the bus cancels its tasks: their cancellation is its own
         self.delivered = 0
         self.accepting = False  # publishes are taken from start() to close(), the drain too
         self.stopping = False
@@ -310,6 +332,9 @@ class Background:
         self._unfinished += 1
 
     async def _work(self) -> None:
+        await _surviving_strays(self, "worker", self._take_and_deliver)
+
+    async def _take_and_deliver(self) -> None:
         queue, waiting = self._queue, self._queue.heap
         while True:
             if not waiting:
@@ -335,13 +360,10 @@ class Background:
                 await resume_in_context(context, step, yielded)
         except anyio.get_cancelled_exc_class():
             self._undelivered.append(event)  # its handlers were stopped by the bus
-            if self._closing:
+            if self.closing:
                 raise
-            _forget_stray_cancellation()
-            logger.error(
-                "a handler of %r cancelled the worker delivering it (its own task); the event "
-                "is reported undelivered",
-                event,
+            _forget_stray_cancellation(
+                f"a handler of {event!r}", "the event is reported undelivered"
             )
         except Exception:  # not a handler's failure (those are isolated): emit itself failed
             logger.exception("could not deliver %r; it is reported undelivered", event)
@@ -383,7 +405,7 @@ class Background:
         if self._fatal is None:
             self._fatal = exc
         self.accepting = False
-        self._closing = True
+        self.closing = True
         for scope in self._scopes:
             scope.cancel()
         self._idle.set()  # wake a drain waiting for the queue
@@ -406,15 +428,18 @@ class Background:
 
     async def _flush_when_due(self, batch: _Batch) -> None:
         try:
-            while not batch.closed or batch.events:
-                await batch.arrived.wait()
-                if batch.events:
-                    with anyio.move_on_after(batch.due_in()):
-                        await batch.full.wait()
-                await self._flush(batch)
+            await _surviving_strays(self, "batch flusher", self._flush_in_turn, batch)
         finally:
             if batch.closed and not batch.events:
                 del self._batches[batch.sub]
+
+    async def _flush_in_turn(self, batch: _Batch) -> None:
+        while not batch.closed or batch.events:
+            await batch.arrived.wait()
+            if batch.events:
+                with anyio.move_on_after(batch.due_in()):
+                    await batch.full.wait()
+            await self._flush(batch)
 
     async def _flush(self, batch: _Batch) -> None:
         async with batch.lock:
@@ -426,7 +451,12 @@ class Background:
                 await _in_a_copy_of_the_context(self._guarded()(batch.sub, events, errors))
             except anyio.get_cancelled_exc_class():
                 self._undelivered.extend(events)  # stopped by the bus: reported
-                raise
+                if self.closing:
+                    raise
+                _forget_stray_cancellation(
+                    f"the batch handler {batch.sub.name}", "its batch is reported undelivered"
+                )
+                return
             except BaseException as exc:
                 self._undelivered.extend(events)
                 self._die(exc)
@@ -445,10 +475,15 @@ class Background:
         """
         with anyio.move_on_after(drain_timeout) as deadline:
             while self._fatal is None:
-                while self._unfinished and self._fatal is None:
-                    await self._idle.wait()
-                if not await self._flush_batches() and not self._unfinished:
-                    break
+                try:
+                    while self._unfinished and self._fatal is None:
+                        await self._idle.wait()
+                    if not await self._flush_batches() and not self._unfinished:
+                        break
+                except anyio.get_cancelled_exc_class():
+                    if deadline.cancel_called:  # its own timeout
+                        raise
+                    _forget_stray_cancellation("a batch handler", "the drain goes on")
         self.timed_out = deadline.cancelled_caught
 
     async def _flush_batches(self) -> bool:
@@ -478,7 +513,7 @@ class Background:
         """Cancel what still runs and end the task group; raise the `BaseException` a
         handler raised, if one did. `left` then says what was not delivered."""
         self.accepting = False
-        self._closing = True
+        self.closing = True
         for scope in self._scopes:
             scope.cancel()
         self._task_group.cancel_scope.cancel()

@@ -48,6 +48,7 @@ from ._names import event_name
 from ._policies import BatchPolicy, Options, Retry
 from ._registry import Registry, Route
 from ._result import EmitResult, HandlerError
+from ._retry import TASKGROUP_LEAVES_COUNT, is_group
 from ._router import Router
 from ._subscription import Subscription
 
@@ -57,7 +58,6 @@ E = TypeVar("E")
 _get_running_loop = asyncio._get_running_loop  # None when not on asyncio (trio)
 _current_task = asyncio.current_task
 _EAGER_START = sys.version_info >= (3, 12)  # asyncio.Task(..., eager_start=True)
-_TASKGROUP_LEAVES_COUNT = sys.version_info < (3, 13)  # see _cancelled_again
 _Task: Any = asyncio.Task  # untyped: mypy checks as Python 3.11, which has no eager_start
 
 
@@ -372,7 +372,7 @@ class EventBus(HandlerDecorators):
         background = self._background
         if background is None:
             raise BusStateError(f"{self!r} is not running: there is nothing to stop")
-        if anyio.get_current_task().id != self._owner:
+        if anyio.get_current_task().id != self._owner or _inside_emit():
             raise BusStateError(
                 f"stop() is called by the task that entered `async with {self!r}:` (the task "
                 f"group of its workers lives there); to stop it from elsewhere, signal that "
@@ -477,12 +477,8 @@ async def _cancelled_again(
         await anyio.lowlevel.checkpoint_if_cancelled()
     elif task.cancelling() > pending:
         await anyio.lowlevel.checkpoint_if_cancelled()
-        if not (_TASKGROUP_LEAVES_COUNT and errors and _is_group(errors[0].exception)):
+        if not (TASKGROUP_LEAVES_COUNT and errors and is_group(errors[0].exception)):
             raise asyncio.CancelledError
-
-
-def _is_group(exc: BaseException) -> bool:
-    return isinstance(exc, BaseExceptionGroup)
 
 
 async def _run_on_asyncio(
@@ -646,12 +642,22 @@ def _as_on_asyncio(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return BaseExceptionGroup("handlers raised", failures)
 
 
+def _inside_emit() -> bool:
+    """True when called from a handler that runs inline in an emit of the owner's task."""
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:  # a rare call (stop): the stack may be walked
+        if frame.f_code is EventBus.emit.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _why_left(fatal: BaseException | None, timed_out: bool, drain_timeout: float) -> str:
     if fatal is not None:
         return f"a handler raised {fatal!r}"
     if timed_out:
         return f"the drain timed out after {drain_timeout}s"
-    return "their delivery failed outside any handler"
+    return "their delivery was cut short outside any handler's own failure"
 
 
 def _hook_list(hooks: object) -> list[Hook]:

@@ -8,6 +8,7 @@ attempts.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import anyio
@@ -16,7 +17,7 @@ import anyio.lowlevel
 from ._policies import Retry
 from ._subscription import Invoke
 
-__all__ = ["attempts_of", "with_retry"]
+__all__ = ["TASKGROUP_LEAVES_COUNT", "attempts_of", "is_group", "with_retry"]
 
 _ATTEMPTS = "_aioevents_attempts"
 
@@ -45,8 +46,8 @@ def with_retry(invoke: Invoke, retry: Retry) -> Invoke:
                     attempt_number = attempt.num
                     try:
                         await invoke(event)
-                    except retry.on:
-                        await _no_retry_once_cancelled(cancellations)
+                    except retry.on as exc:
+                        await _no_retry_once_cancelled(cancellations, exc)
                         raise
         except Exception as exc:
             setattr(exc, _ATTEMPTS, attempt_number)
@@ -61,16 +62,27 @@ def _cancellations() -> int:
     return task.cancelling() if task is not None else 0
 
 
-async def _no_retry_once_cancelled(before: int) -> None:
+async def _no_retry_once_cancelled(before: int, failure: Exception) -> None:
     """Raise the cancellation that came while an attempt ran, instead of retrying.
 
     A handler may turn its cancellation into a retryable error (client libraries do):
     retrying would run the handler on after its emit was cancelled. anyio scopes (and trio)
-    deliver theirs again at a checkpoint; asyncio's own are counted on the task.
+    deliver theirs again at a checkpoint; asyncio's own are counted on the task, except after
+    a failed asyncio.TaskGroup on Python 3.11 and 3.12, which leaves its own count behind.
     """
     await anyio.lowlevel.checkpoint_if_cancelled()
-    if _cancellations() > before:
+    if _cancellations() > before and not (TASKGROUP_LEAVES_COUNT and is_group(failure)):
         raise asyncio.CancelledError
+
+
+# On Python 3.11 and 3.12 an asyncio.TaskGroup whose child failed cancels the task it runs in
+# and leaves that task's count of pending cancellations raised (fixed in 3.13): after its
+# ExceptionGroup a raised count is not somebody else's cancellation. Read by the bus too.
+TASKGROUP_LEAVES_COUNT = sys.version_info < (3, 13)
+
+
+def is_group(exc: BaseException) -> bool:
+    return isinstance(exc, BaseExceptionGroup)
 
 
 def attempts_of(exc: BaseException) -> int:

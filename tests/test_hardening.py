@@ -545,7 +545,7 @@ async def test_a_handler_cancelling_its_worker_does_not_stop_the_bus(
         await anyio.sleep(0.05)
     assert handled == [1]
     assert bus.last_drain == DrainReport(delivered=1, undelivered=(Job(0),))
-    assert "cancelled the worker delivering it" in caplog.text
+    assert "cancelled the task delivering it" in caplog.text
 
 
 async def test_a_handlers_base_exception_keeps_its_cause_whatever_the_handler_count() -> None:
@@ -577,3 +577,94 @@ def test_async_hook_methods_are_refused() -> None:
 
     with pytest.raises(TypeError, match="handler_started is async"):
         EventBus(hooks=[Tracing()])
+
+
+# -- found by a second review --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_handler_cancelling_its_worker_and_returning_at_once_does_not_stop_the_bus() -> (
+    None
+):
+    bus, handled = EventBus(workers=1), list[int]()
+
+    @bus.on(Job)
+    async def cancels_and_returns(job: Job) -> None:
+        if job.number == 0:
+            current = asyncio.current_task()
+            assert current is not None
+            current.cancel()  # lands in the worker's loop, after the handler returned
+        handled.append(job.number)
+
+    async with bus:
+        for number in range(5):
+            await bus.publish(Job(number))
+        await anyio.sleep(0.05)
+    assert handled == [0, 1, 2, 3, 4]
+    assert bus.last_drain == DrainReport(delivered=5)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("flushed_by", ["its flusher", "the drain"])
+async def test_a_batch_handler_cancelling_its_own_task_loses_only_its_batch(
+    flushed_by: str,
+) -> None:
+    bus, batches = EventBus(), list[list[int]]()
+
+    async def cancels_itself(jobs: Sequence[Job]) -> None:
+        batches.append([job.number for job in jobs])
+        if jobs[0].number == 0:
+            current = asyncio.current_task()
+            assert current is not None
+            current.cancel()
+            await asyncio.sleep(0)
+
+    bus.subscribe_batch(Job, cancels_itself, max_size=2, max_wait=60)
+    async with bus:  # the owner is not cancelled by it
+        await bus.emit(Job(0))
+        await bus.emit(Job(1))  # a full batch: its flusher flushes it at once
+        if flushed_by == "its flusher":
+            await anyio.sleep(0.05)
+        await bus.emit(Job(10))
+        await bus.emit(Job(11))
+    assert batches == [[0, 1], [10, 11]]
+    assert bus.last_drain is not None and set(bus.last_drain.undelivered) == {Job(0), Job(1)}
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_retried_handler_whose_task_group_fails_is_retried_not_cancelled() -> None:
+    bus, attempts = EventBus(), list[int]()
+
+    async def uses_a_task_group(job: Job) -> None:
+        attempts.append(1)
+
+        async def child() -> None:
+            raise ValueError("child failed")
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(asyncio.sleep(1))
+            tg.create_task(child())
+
+    retry = Retry(on=ExceptionGroup, attempts=3, wait_initial=0, wait_max=0, wait_jitter=0)
+    bus.subscribe(Job, uses_a_task_group, retry=retry)
+    [error] = (await bus.emit(Job(1))).errors
+    assert len(attempts) == 3 and error.attempts == 3
+    assert isinstance(error.exception, ExceptionGroup)
+
+
+async def test_stop_from_a_handler_running_in_the_owners_task_is_refused() -> None:
+    bus, refused = EventBus(), list[str]()
+
+    @bus.on(Job)
+    async def stops_the_bus(job: Job) -> None:
+        with anyio.fail_after(10):  # a scope of its own, which stop() must not try to close
+            try:
+                await bus.stop()
+            except BusStateError as exc:
+                refused.append(str(exc))
+
+    async with bus:
+        await bus.emit(Job(1))  # one handler: it runs inline, in the owner's task
+        assert bus.running
+    assert len(refused) == 1
+    assert bus.last_drain == DrainReport(delivered=0)
