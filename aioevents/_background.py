@@ -27,7 +27,8 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from ._dispatch import FINISHED, Guarded, resume_in_context
+from ._cancelling import current_asyncio_task
+from ._dispatch import FINISHED, Guarded, resume_in_context, run_in_context
 from ._exceptions import BusStateError, QueueFullError
 from ._names import event_name
 from ._policies import BatchPolicy
@@ -157,15 +158,6 @@ class _PriorityQueue:
 _YIELD_EVERY = 16
 
 
-async def _in_a_copy_of_the_context(call: Coroutine[Any, Any, None]) -> None:
-    """Await ``call`` in a copy of the current context, as a task of its own would be: a batch
-    flushed by the drain runs in the owner's task, which must not see what it sets."""
-    context, step = copy_context(), call.__await__()
-    yielded = context.run(next, step, FINISHED)
-    if yielded is not FINISHED:
-        await resume_in_context(context, step, yielded)
-
-
 async def _surviving_strays(
     background: Background, what: str, work: Callable[..., Awaitable[None]], *args: Any
 ) -> None:
@@ -187,7 +179,7 @@ async def _surviving_strays(
 
 def _forget_stray_cancellation(who: str, consequence: str) -> None:
     """A handler cancelled the task delivering it: take that request back (on asyncio)."""
-    task = asyncio.current_task() if _get_running_loop() is not None else None
+    task = current_asyncio_task()
     if task is not None and task.cancelling():
         task.uncancel()
     logger.error("%s cancelled the task delivering it (its own task); %s", who, consequence)
@@ -355,7 +347,7 @@ class Background:
         """Deliver one event in the publisher's context, as emit would have run there."""
         try:
             step = self._deliver(event).__await__()
-            yielded = context.run(next, step, FINISHED)  # see first_step
+            yielded = context.run(next, step, FINISHED)  # run_in_context, written out
             if yielded is not FINISHED:
                 await resume_in_context(context, step, yielded)
         except anyio.get_cancelled_exc_class():
@@ -404,11 +396,15 @@ class Background:
         """A handler raised a BaseException: stop all delivery now, so the drain ends."""
         if self._fatal is None:
             self._fatal = exc
+        self._cancel_own_tasks()
+        self._idle.set()  # wake a drain waiting for the queue
+
+    def _cancel_own_tasks(self) -> None:
+        """Take no more events and cancel every worker and flusher; they know it is the bus."""
         self.accepting = False
         self.closing = True
         for scope in self._scopes:
             scope.cancel()
-        self._idle.set()  # wake a drain waiting for the queue
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -448,7 +444,10 @@ class Background:
                 return
             errors: list[HandlerError] = []
             try:  # the bus's runner: isolation, logging, hooks and max_concurrency, as in emit
-                await _in_a_copy_of_the_context(self._guarded()(batch.sub, events, errors))
+                # In a copy of the context: a batch flushed by the drain runs in the owner's
+                # task, which must not see what the handler sets.
+                call = self._guarded()(batch.sub, events, errors)
+                await run_in_context(copy_context(), call)
             except anyio.get_cancelled_exc_class():
                 self._undelivered.extend(events)  # stopped by the bus: reported
                 if self.closing:
@@ -512,10 +511,7 @@ class Background:
     async def close(self) -> None:
         """Cancel what still runs and end the task group; raise the `BaseException` a
         handler raised, if one did. `left` then says what was not delivered."""
-        self.accepting = False
-        self.closing = True
-        for scope in self._scopes:
-            scope.cancel()
+        self._cancel_own_tasks()
         self._task_group.cancel_scope.cancel()
         try:
             await self._task_group.__aexit__(None, None, None)

@@ -24,9 +24,11 @@ import anyio.abc
 import anyio.lowlevel
 
 from ._background import Background, DrainReport, log_undelivered
+from ._cancelling import current_asyncio_task, left_by_a_task_group, pending_cancellations
 from ._checks import (
     check_callable,
     check_event_type,
+    check_instance,
     check_positive_int,
     check_seconds,
     check_subscription,
@@ -42,13 +44,13 @@ from ._dispatch import (
     record_stray_cancellation,
     run_guarded,
     run_to_the_end,
+    wait_out,
 )
 from ._exceptions import BusStateError, SubscriptionError
 from ._names import event_name
 from ._policies import BatchPolicy, Options, Retry
 from ._registry import Registry, Route
 from ._result import EmitResult, HandlerError
-from ._retry import TASKGROUP_LEAVES_COUNT, is_group
 from ._router import Router
 from ._subscription import Subscription
 
@@ -56,7 +58,6 @@ __all__ = ["EventBus"]
 
 E = TypeVar("E")
 _get_running_loop = asyncio._get_running_loop  # None when not on asyncio (trio)
-_current_task = asyncio.current_task
 _EAGER_START = sys.version_info >= (3, 12)  # asyncio.Task(..., eager_start=True)
 _Task: Any = asyncio.Task  # untyped: mypy checks as Python 3.11, which has no eager_start
 
@@ -172,7 +173,7 @@ class EventBus(HandlerDecorators):
 
     def unsubscribe(self, subscription: Subscription) -> None:
         """End a subscription. A second call for the same subscription does nothing."""
-        _require(subscription, Subscription, "unsubscribe() takes a Subscription")
+        check_instance(subscription, Subscription, "unsubscribe() takes a Subscription")
         if subscription.owner is not self._registry:
             raise SubscriptionError(
                 f"{subscription.name} was subscribed on another bus; unsubscribe it there"
@@ -184,7 +185,7 @@ class EventBus(HandlerDecorators):
 
     def include(self, router: Router) -> tuple[Subscription, ...]:
         """Subscribe every handler of a `Router`, in the order the router recorded them."""
-        _require(router, Router, "include() takes a Router")
+        check_instance(router, Router, "include() takes a Router")
         entries = router.entries_for(self)
         return tuple(self._add(entry.event_type, entry.handler, entry.options) for entry in entries)
 
@@ -254,7 +255,8 @@ class EventBus(HandlerDecorators):
                 # next() with a default: a handler that never suspends costs no StopIteration
                 yielded = context.run(next, step, FINISHED)
                 if yielded is not FINISHED:
-                    task, pending = _cancellations()
+                    task = current_asyncio_task()
+                    pending = pending_cancellations(task)
                     while True:
                         try:
                             value = await _suspend(yielded)
@@ -449,14 +451,6 @@ def _suspend(yielded: Any) -> Generator[Any, Any, Any]:
     return (yield yielded)
 
 
-def _cancellations() -> tuple[asyncio.Task[Any] | None, int]:
-    """The emitter's asyncio task and its count of pending cancellations (None on trio)."""
-    if _get_running_loop() is None:
-        return None, 0
-    task = _current_task()
-    return task, task.cancelling() if task is not None else 0
-
-
 async def _cancelled_again(
     task: asyncio.Task[Any] | None, pending: int, errors: list[HandlerError]
 ) -> None:
@@ -477,7 +471,7 @@ async def _cancelled_again(
         await anyio.lowlevel.checkpoint_if_cancelled()
     elif task.cancelling() > pending:
         await anyio.lowlevel.checkpoint_if_cancelled()
-        if not (TASKGROUP_LEAVES_COUNT and errors and is_group(errors[0].exception)):
+        if not (errors and left_by_a_task_group(errors[0].exception)):
             raise asyncio.CancelledError
 
 
@@ -559,12 +553,7 @@ async def _counted(guarded: Guarded, sub: Subscription, event: object, group: _C
 async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
-    with anyio.CancelScope(shield=True):  # an anyio scope would repeat its cancellation
-        while not all(task.done() for task in tasks):
-            try:
-                await asyncio.wait(tasks)
-            except asyncio.CancelledError:  # another native cancel: they still run
-                continue
+    await wait_out(tasks)
 
 
 async def _run_on_trio(
@@ -676,11 +665,6 @@ def _checked_hook(hook: Hook) -> Hook:
                 f"awaited, on the hot path; make them plain functions (see aioevents.Hook)"
             )
     return hook
-
-
-def _require(value: object, cls: type, message: str) -> None:
-    if not isinstance(value, cls):
-        raise TypeError(f"{message}, got {value!r}")
 
 
 def _failures_group(

@@ -20,6 +20,7 @@ __all__ = [
     "check_event_class",
     "check_event_type",
     "check_flag",
+    "check_instance",
     "check_positive_int",
     "check_seconds",
     "check_subscription",
@@ -100,6 +101,12 @@ def is_async_handler(handler: Callable[..., object]) -> bool:
         return True
     call = getattr(type(handler), "__call__", None)  # noqa: B004  (the class's, not the object's)
     return not inspect.isroutine(handler) and inspect.iscoroutinefunction(call)
+
+
+def check_instance(value: object, kind: type, message: str, *, none: bool = False) -> None:
+    """Refuse a value that is not a ``kind`` (or None, where ``none`` allows it)."""
+    if not isinstance(value, kind) and not (value is None and none):
+        raise TypeError(f"{message}, got {value!r}")
 
 
 def check_callable(what: str, value: object, *, none: bool = False) -> None:

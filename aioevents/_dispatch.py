@@ -30,14 +30,15 @@ __all__ = [
     "FINISHED",
     "Guarded",
     "Hook",
-    "first_step",
     "new_subscription",
     "observed_runner",
     "record_failure",
     "record_stray_cancellation",
     "resume_in_context",
     "run_guarded",
+    "run_in_context",
     "run_to_the_end",
+    "wait_out",
 ]
 
 logger = logging.getLogger("aioevents")
@@ -139,6 +140,20 @@ async def _thread_to_its_end(func: Callable[..., T], *args: object, name: str) -
     )
 
 
+async def wait_out(tasks: list[asyncio.Task[Any]]) -> None:
+    """Wait until every one of ``tasks`` has ended, whatever cancels the caller meanwhile.
+
+    A shield keeps an anyio scope from repeating its cancellation at every turn; a native
+    cancellation is waited through.
+    """
+    with anyio.CancelScope(shield=True):
+        while not all(task.done() for task in tasks):
+            try:
+                await asyncio.wait(tasks)
+            except asyncio.CancelledError:  # another native cancel: they still run
+                continue
+
+
 async def _in_scope(scope: anyio.CancelScope, call: Awaitable[T]) -> T | None:
     with scope:
         return await call
@@ -168,12 +183,7 @@ async def run_to_the_end(
     except asyncio.CancelledError:
         if if_cancelled is not None:
             if_cancelled()
-        with anyio.CancelScope(shield=True):  # no anyio redelivery while it waits
-            while not task.done():
-                try:
-                    await asyncio.wait([task])
-                except asyncio.CancelledError:  # another native cancel: it still runs
-                    continue
+        await wait_out([task])
         if not task.cancelled() and (error := task.exception()) is not None:
             logger.error("%s failed after its caller was cancelled", what, exc_info=error)
         raise
@@ -275,13 +285,17 @@ def _call_hook(method: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
 FINISHED = object()  # what the first step of a handler returns when it ran to its end
 
 
-def first_step(context: Context, step: Generator[Any, Any, Any]) -> Any:
-    """Run a handler up to its first suspension, in ``context``; `FINISHED` if it ended.
+async def run_in_context(context: Context, call: Coroutine[Any, Any, None]) -> None:
+    """Await ``call`` inside ``context``, as a task of its own would run it.
 
-    ``next`` with a default ends a handler that never suspends without a StopIteration
-    being raised and caught in Python: the common no-wait handler costs a plain call.
+    ``next`` with a default ends a call that never suspends without a StopIteration being
+    raised and caught in Python: the common no-wait handler costs a plain call. emit and the
+    background workers write these lines out, to save this frame on their hot paths.
     """
-    return context.run(next, step, FINISHED)
+    step = call.__await__()
+    yielded = context.run(next, step, FINISHED)
+    if yielded is not FINISHED:
+        await resume_in_context(context, step, yielded)
 
 
 @types.coroutine

@@ -8,16 +8,16 @@ attempts.
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 
+from ._cancelling import current_asyncio_task, left_by_a_task_group, pending_cancellations
 from ._policies import Retry
 from ._subscription import Invoke
 
-__all__ = ["TASKGROUP_LEAVES_COUNT", "attempts_of", "is_group", "with_retry"]
+__all__ = ["attempts_of", "with_retry"]
 
 _ATTEMPTS = "_aioevents_attempts"
 
@@ -32,7 +32,7 @@ def with_retry(invoke: Invoke, retry: Retry) -> Invoke:
         ) from None
 
     async def invoke_with_retry(event: Any) -> None:
-        attempt_number, cancellations = 0, _cancellations()
+        attempt_number, cancellations = 0, pending_cancellations(current_asyncio_task())
         try:
             async for attempt in stamina.retry_context(
                 on=retry.on,
@@ -56,12 +56,6 @@ def with_retry(invoke: Invoke, retry: Retry) -> Invoke:
     return invoke_with_retry
 
 
-def _cancellations() -> int:
-    """The current asyncio task's pending cancellations (0 on trio)."""
-    task = asyncio.current_task() if asyncio._get_running_loop() is not None else None
-    return task.cancelling() if task is not None else 0
-
-
 async def _no_retry_once_cancelled(before: int, failure: Exception) -> None:
     """Raise the cancellation that came while an attempt ran, instead of retrying.
 
@@ -71,18 +65,9 @@ async def _no_retry_once_cancelled(before: int, failure: Exception) -> None:
     a failed asyncio.TaskGroup on Python 3.11 and 3.12, which leaves its own count behind.
     """
     await anyio.lowlevel.checkpoint_if_cancelled()
-    if _cancellations() > before and not (TASKGROUP_LEAVES_COUNT and is_group(failure)):
+    now = pending_cancellations(current_asyncio_task())
+    if now > before and not left_by_a_task_group(failure):
         raise asyncio.CancelledError
-
-
-# On Python 3.11 and 3.12 an asyncio.TaskGroup whose child failed cancels the task it runs in
-# and leaves that task's count of pending cancellations raised (fixed in 3.13): after its
-# ExceptionGroup a raised count is not somebody else's cancellation. Read by the bus too.
-TASKGROUP_LEAVES_COUNT = sys.version_info < (3, 13)
-
-
-def is_group(exc: BaseException) -> bool:
-    return isinstance(exc, BaseExceptionGroup)
 
 
 def attempts_of(exc: BaseException) -> int:

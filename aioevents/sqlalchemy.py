@@ -73,6 +73,7 @@ except ImportError:  # pragma: no cover  (SQLAlchemy 2.0 only has the name 2.1 d
     from sqlalchemy.util.concurrency import await_only
 
 from ._bus import EventBus
+from ._checks import check_instance
 from ._exceptions import AioEventsError
 from ._names import event_name, handler_name
 from ._result import EmitResult
@@ -168,13 +169,13 @@ class TransactionalEvents:
     """
 
     def __init__(self, bus: EventBus, *, rollback_bus: EventBus | None = None) -> None:
-        if not isinstance(bus, EventBus):
-            raise TypeError(f"TransactionalEvents() takes an EventBus, got {bus!r}")
-        if rollback_bus is not None and not isinstance(rollback_bus, EventBus):
-            raise TypeError(
-                f"TransactionalEvents(rollback_bus=...) takes an EventBus or None, "
-                f"got {rollback_bus!r}"
-            )
+        check_instance(bus, EventBus, "TransactionalEvents() takes an EventBus")
+        check_instance(
+            rollback_bus,
+            EventBus,
+            "TransactionalEvents(rollback_bus=...) takes an EventBus or None",
+            none=True,
+        )
         self.bus = bus
         self.rollback_bus = rollback_bus if rollback_bus is not None else EventBus()
         self._before: list[tuple[type, str, Callable[[Any, AsyncSession], Awaitable[object]]]] = []

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar, overload
 
 from ._bus import EventBus
+from ._checks import check_instance
 from ._exceptions import SubscriptionError
 from ._subscription import Subscription
 
@@ -84,7 +85,7 @@ def capture(bus: EventBus) -> AbstractContextManager[CapturedEvents]:
     >>> events.assert_emitted(Pinged)
     Pinged(number=42)
     """
-    _check_bus("capture", bus)  # now, not when the block is entered
+    check_instance(bus, EventBus, "capture() takes an EventBus")  # now, not in the block
     return _capture(bus)
 
 
@@ -106,16 +107,11 @@ def muted(
     A function mutes every subscription of it on ``bus``. Naming a handler that is not
     subscribed raises `SubscriptionError`: a typo must not pass as a muted handler.
     """
-    _check_bus("muted", bus)
+    check_instance(bus, EventBus, "muted() takes an EventBus")
     for handler in handlers:
         if not isinstance(handler, Subscription) and not callable(handler):
             raise TypeError(f"muted() takes handlers or subscriptions, got {handler!r}")
     return _muted(bus, handlers)
-
-
-def _check_bus(helper: str, bus: object) -> None:
-    if not isinstance(bus, EventBus):
-        raise TypeError(f"{helper}() takes an EventBus, got {bus!r}")
 
 
 @contextmanager

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Final, ParamSpec, Protocol, TypeVar, fina
 import anyio
 import anyio.lowlevel
 
+from ._checks import check_callable, check_instance
 from ._exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ class MemoryThrottle:
     _PRUNE_MIN: Final = 1024
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
-        _check_callable("clock", clock)
+        check_callable("clock", clock)
         self._clock = clock
         self._claims: dict[str, tuple[object, float]] = {}  # key -> (owner token, expires at)
         self._prune_at = self._PRUNE_MIN
@@ -215,7 +216,7 @@ class RedisThrottle:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
         self._timeout = _check_seconds("timeout", timeout)
-        _check_instance("counter", counter, FallbackCounter)
+        check_instance(counter, FallbackCounter, _COUNTER_REQUIRED, none=True)
         self.prefix = prefix
         self.counter = counter if counter is not None else FallbackCounter("RedisThrottle")
         self.max_connections = _connections_for(redis, max_connections)
@@ -394,7 +395,7 @@ class FallbackCounter:
         if not isinstance(name, str):
             raise TypeError(f"FallbackCounter name must be a str, not {type(name).__name__}")
         _check_seconds("warn_interval", warn_interval, allow_zero=True)
-        _check_callable("clock", clock)
+        check_callable("clock", clock)
         self.name = name
         self.warn_interval = warn_interval
         self.count = 0
@@ -445,9 +446,9 @@ def redis_fallback(
     """
     if timeout is not None:
         _check_seconds("timeout", timeout)
-    _check_instance("counter", counter, FallbackCounter)
+    check_instance(counter, FallbackCounter, _COUNTER_REQUIRED, none=True)
     if on_error is not None:
-        _check_callable("on_error", on_error)
+        check_callable("on_error", on_error)
 
     def decorate(func: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R | D]]:
         _check_async_function(func)
@@ -506,14 +507,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _check_callable(name: str, value: object) -> None:
-    if not callable(value):
-        raise TypeError(f"{name} must be callable, got {value!r}")
-
-
-def _check_instance(name: str, value: object, kind: type) -> None:
-    if value is not None and not isinstance(value, kind):
-        raise TypeError(f"{name} must be a {kind.__name__} or None, got {value!r}")
+_COUNTER_REQUIRED = "counter must be a FallbackCounter or None"
 
 
 def _check_async_function(func: object) -> None:
