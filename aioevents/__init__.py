@@ -19,7 +19,7 @@ from ._exceptions import (
     SubscriptionError,
 )
 from ._names import event_name, event_version
-from ._policies import BatchPolicy, Retry
+from ._policies import BatchPolicy, Durable, Retry
 from ._result import EmitResult, HandlerError
 from ._router import Router
 from ._subscription import Subscription
@@ -30,6 +30,7 @@ __all__ = [
     "BusStateError",
     "ConfigurationError",
     "DrainReport",
+    "Durable",
     "EmitResult",
     "EventBus",
     "HandlerCancelledError",

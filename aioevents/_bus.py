@@ -16,6 +16,7 @@ import inspect
 import sys
 import types
 from collections.abc import Callable, Generator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from contextvars import copy_context
 from typing import Any, Self, TypeVar
 
@@ -48,7 +49,7 @@ from ._dispatch import (
 )
 from ._exceptions import BusStateError, SubscriptionError
 from ._names import event_name
-from ._policies import BatchPolicy, Options, Retry
+from ._policies import BatchPolicy, Durable, Options, Retry, durable_policy
 from ._registry import Registry, Route
 from ._result import EmitResult, HandlerError
 from ._router import Router
@@ -117,6 +118,9 @@ class EventBus(HandlerDecorators):
         self._taps: list[Callable[[object], None]] = []
         self._guarded: Guarded = run_guarded
         self._update_runner()
+        # Run while the bus runs (an outbox's relay): see _attach.
+        self._services: list[Callable[[], AbstractAsyncContextManager[object]]] = []
+        self._running_services: AsyncExitStack | None = None
 
     def __repr__(self) -> str:
         return f"<EventBus subscriptions={len(self._registry.all())}>"
@@ -132,6 +136,7 @@ class EventBus(HandlerDecorators):
         once: bool = False,
         retry: Retry | None = None,
         name: str | None = None,
+        durable: bool | Durable = False,
     ) -> Subscription:
         """Subscribe ``handler`` to events of ``event_type`` and of its subclasses.
 
@@ -139,9 +144,13 @@ class EventBus(HandlerDecorators):
         thread. A handler that runs longer than ``timeout`` seconds is recorded as failed with
         a `TimeoutError`. With ``once=True`` the subscription ends after its first event.
         With ``retry`` a failure of the chosen kinds is retried with backoff (see `Retry`).
-        ``name`` is how logs and reports call it (its qualified name by default).
+        ``name`` is how logs and reports call it (its qualified name by default). With
+        ``durable`` events recorded in a transaction reach it through the outbox (see
+        `aioevents.outbox`); its name is then what its stored deliveries are addressed to.
         """
-        options = Options(timeout=timeout, once=once, retry=retry, name=name)
+        options = Options(
+            timeout=timeout, once=once, retry=retry, name=name, durable=durable_policy(durable)
+        )
         return self._add(event_type, handler, options)
 
     def subscribe_batch(
@@ -166,6 +175,11 @@ class EventBus(HandlerDecorators):
         check_subscription(event_type, handler)
         order = self._registry.next_order()
         sub = new_subscription(event_type, handler, options, order=order, owner=self._registry)
+        if sub.durable is not None and sub.name in self.durable_handlers:
+            raise SubscriptionError(
+                f"a durable handler named {sub.name} is already subscribed: stored deliveries "
+                f"are addressed by name, so give this one another with name=..."
+            )
         self._registry.add(sub)
         if sub.batch is not None and self._background is not None:
             self._background.add_batch(sub)
@@ -195,6 +209,11 @@ class EventBus(HandlerDecorators):
     def subscriptions(self) -> tuple[Subscription, ...]:
         """Every subscription on this bus, in subscription order."""
         return self._registry.all()
+
+    @property
+    def durable_handlers(self) -> dict[str, Subscription]:
+        """The durable subscriptions, by the name their stored deliveries are addressed to."""
+        return {sub.name: sub for sub in self._registry.all() if sub.durable is not None}
 
     def handlers_for(self, event_type: type) -> tuple[Subscription, ...]:
         """The subscriptions an event of ``event_type`` is dispatched to, in start order."""
@@ -318,7 +337,22 @@ class EventBus(HandlerDecorators):
         await background.start(batch_subs)
         self._background = background
         self._registry.set_batching(True)
+        if self._services:
+            await self._start_services()
         return self
+
+    async def _start_services(self) -> None:
+        services = AsyncExitStack()
+        try:
+            for service in self._services:
+                await services.enter_async_context(service())
+        except BaseException:
+            try:
+                await services.aclose()
+            finally:
+                await self.stop()
+            raise
+        self._running_services = services
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._background is not None:
@@ -349,6 +383,19 @@ class EventBus(HandlerDecorators):
         """
         check_seconds("drain_timeout", drain_timeout, none=True)
         background = self._stoppable()
+        services, self._running_services = self._running_services, None
+        if services is not None:
+            # First, while publish still works: what their handlers publish is then drained.
+            try:
+                await services.aclose()
+            except BaseException:
+                await self._drain_and_close(background, drain_timeout)
+                raise
+        return await self._drain_and_close(background, drain_timeout)
+
+    async def _drain_and_close(
+        self, background: Background, drain_timeout: float | None
+    ) -> DrainReport:
         background.stopping = True
         drain_timeout = drain_timeout or self._drain_timeout
         try:
@@ -423,6 +470,35 @@ class EventBus(HandlerDecorators):
             raise TypeError(f"priority must be an int, got {priority!r}")
         if type(event) not in self._routes:  # a type no event may have is refused here
             self._new_route(event)
+
+    # -- for the integrations: aioevents.outbox and aioevents.sqlalchemy ----------------------
+
+    def _attach(self, service: Callable[[], AbstractAsyncContextManager[object]]) -> None:
+        """Run ``service()`` for as long as the bus runs, from now on.
+
+        It is entered once the workers run, and left first when the bus stops, while
+        `publish` still works: what its handlers publish is drained with the rest.
+        """
+        if self._background is not None:
+            raise BusStateError(f"attach services before entering `async with {self!r}:`")
+        self._services.append(service)
+
+    def _route(self, event: object) -> Route:
+        return self._routes.get(type(event)) or self._new_route(event)
+
+    async def _emit_volatile(self, event: object) -> EmitResult:
+        """Emit to the handlers that are not durable: those get stored deliveries instead."""
+        route = self._route(event)
+        if not route.durable:
+            return await self.emit(event)
+        if route.needs_preparation:
+            self._prepare(route, event)
+        subs, errors = route.volatile, list[HandlerError]()
+        if subs and (loop := _get_running_loop()) is not None:
+            await _run_on_asyncio(loop, self._guarded, subs, event, errors)
+        elif subs:
+            await _run_on_trio(self._guarded, subs, event, errors)
+        return EmitResult(tuple(sub.name for sub in subs), tuple(errors))
 
     # -- for aioevents.testing ------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ._checks import check_event_type
-from ._policies import BatchPolicy, Options, Retry
+from ._policies import BatchPolicy, Durable, Options, Retry, durable_policy
 
 __all__ = ["HandlerDecorators"]
 
@@ -34,10 +34,17 @@ class HandlerDecorators:
         once: bool = False,
         retry: Retry | None = None,
         name: str | None = None,
+        durable: bool | Durable = False,
     ) -> Callable[[Callable[[E], R]], Callable[[E], R]]:
-        """Decorator: subscribe the function to ``event_type``; returns it unchanged."""
+        """Decorator: subscribe the function to ``event_type``; returns it unchanged.
+
+        With ``durable`` (True, or a `Durable` policy) events recorded in a transaction reach
+        it through the outbox, at least once; see `aioevents.outbox`.
+        """
         check_event_type(event_type)  # refuse @bus.on without (EventType) right here
-        options = Options(timeout=timeout, once=once, retry=retry, name=name)
+        options = Options(
+            timeout=timeout, once=once, retry=retry, name=name, durable=durable_policy(durable)
+        )
 
         def decorator(handler: Callable[[E], R]) -> Callable[[E], R]:
             self._add(event_type, handler, options)

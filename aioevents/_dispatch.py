@@ -85,6 +85,7 @@ def new_subscription(
         is_async=is_async,
         retry=options.retry,
         batch=options.batch,
+        durable=options.durable,
         order=order,
         owner=owner,
         invoke=_make_invoke(handler, name, options, is_async=is_async),

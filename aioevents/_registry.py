@@ -20,7 +20,15 @@ __all__ = ["Registry", "Route"]
 class Route:
     """The dispatch plan for one concrete event type, cached by the registry."""
 
-    __slots__ = ("batches", "handlers", "needs_preparation", "ok_result", "subscriptions")
+    __slots__ = (
+        "batches",
+        "durable",
+        "handlers",
+        "needs_preparation",
+        "ok_result",
+        "subscriptions",
+        "volatile",
+    )
 
     def __init__(
         self, subscriptions: tuple[Subscription, ...], *, observed: bool, batching: bool
@@ -34,6 +42,10 @@ class Route:
             self.subscriptions = tuple(map(_one_event_batch, subscriptions))
             self.batches = ()
         self.handlers = tuple(sub.name for sub in self.subscriptions)
+        # For an event recorded with an outbox: the durable handlers get stored deliveries,
+        # the others (volatile) run after commit, in memory.
+        self.durable = tuple(sub for sub in self.subscriptions if sub.durable is not None)
+        self.volatile = tuple(sub for sub in self.subscriptions if sub.durable is None)
         # Shared by every emit of this type that has no failure: immutable, so safe to reuse.
         self.ok_result = EmitResult(self.handlers)
         # One flag keeps the hot path to a single check for the rare cases.

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from ._checks import check_subscription
 from ._decorators import HandlerDecorators
 from ._exceptions import SubscriptionError
-from ._policies import BatchPolicy, Options, Retry
+from ._policies import BatchPolicy, Durable, Options, Retry, durable_policy
 
 __all__ = ["Router", "RouterEntry"]
 
@@ -67,9 +67,12 @@ class Router(HandlerDecorators):
         once: bool = False,
         retry: Retry | None = None,
         name: str | None = None,
+        durable: bool | Durable = False,
     ) -> None:
         """Record ``handler`` for ``event_type``, checked now as `EventBus.subscribe` would."""
-        self._add(event_type, handler, Options(timeout=timeout, once=once, retry=retry, name=name))
+        durability = durable_policy(durable)
+        options = Options(timeout=timeout, once=once, retry=retry, name=name, durable=durability)
+        self._add(event_type, handler, options)
 
     def add_batch(
         self,

@@ -6,7 +6,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._policies import BatchPolicy, Retry
+from ._policies import BatchPolicy, Durable, Retry
 
 __all__ = ["Handler", "Invoke", "Subscription"]
 
@@ -31,6 +31,8 @@ class Subscription:
     is_async: bool = True
     retry: Retry | None = None
     batch: BatchPolicy | None = None
+    # Delivered through an outbox when recorded in a transaction (see aioevents.outbox).
+    durable: Durable | None = None
     order: int = field(default=0, repr=False)
     # The registry that made it: unsubscribing it from another bus is a mistake to report.
     owner: object = field(default=None, repr=False, compare=False)

@@ -51,12 +51,13 @@ from __future__ import annotations
 import enum
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 try:
     from sqlalchemy import event as sa_event
-    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
     from sqlalchemy.orm import Session, SessionTransaction
     from sqlalchemy.util.concurrency import in_greenlet
 except ImportError as missing:
@@ -74,8 +75,9 @@ except ImportError:  # pragma: no cover  (SQLAlchemy 2.0 only has the name 2.1 d
 
 from ._bus import EventBus
 from ._checks import check_instance
-from ._exceptions import AioEventsError
+from ._exceptions import AioEventsError, ConfigurationError
 from ._names import event_name, handler_name
+from ._outbox import Handover, Outbox, StoredEvent
 from ._result import EmitResult
 
 __all__ = ["NoTransactionError", "Outcome", "Recorded", "TransactionalEvents"]
@@ -115,17 +117,35 @@ class Recorded(Generic[E]):
 
     ``result`` is the `EmitResult` of the event's delivery: of the bus's handlers once it is
     `Outcome.DELIVERED`, of the ``after_rollback`` handlers once it is `Outcome.DISCARDED`;
-    ``None`` before then, and when delivery was cancelled.
+    ``None`` before then, and when delivery was cancelled. For an event with durable
+    handlers it reports the others; ``event_id`` is then the stored event's id (UUIDv7),
+    and `Outcome.DELIVERED` says its deliveries were committed.
     """
 
-    __slots__ = ("_owner", "_prepared", "_scope", "_succeeded", "event", "outcome", "result")
+    __slots__ = (
+        "_owner",
+        "_prepared",
+        "_scope",
+        "_stored",
+        "_succeeded",
+        "_written",
+        "event",
+        "outcome",
+        "result",
+    )
 
     def __init__(
-        self, event: E, owner: TransactionalEvents, scope: tuple[SessionTransaction, ...]
+        self,
+        event: E,
+        owner: TransactionalEvents,
+        scope: tuple[SessionTransaction, ...],
+        stored: StoredEvent | None = None,
     ) -> None:
         self.event = event
         self.outcome = Outcome.PENDING
         self.result: EmitResult | None = None
+        self._stored = stored  # what the outbox writes before COMMIT; None without durables
+        self._written = False  # a commit retried after a failure does not write it twice
         self._owner = owner
         self._scope = scope  # the transaction it was recorded in, and that one's ancestors
         self._prepared = False  # its before-commit handlers have run
@@ -136,16 +156,23 @@ class Recorded(Generic[E]):
     def __repr__(self) -> str:
         return f"<Recorded {event_name(self.event)} {self.outcome.value}>"
 
+    @property
+    def event_id(self) -> uuid.UUID | None:
+        """The stored event's id when it has durable handlers (written with its deliveries)."""
+        return None if self._stored is None else self._stored.row.id
+
 
 class _Transaction:
     """The recordings of one outermost transaction of one session."""
 
-    __slots__ = ("committed", "records", "session")
+    __slots__ = ("committed", "handovers", "records", "session", "stored")
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
         self.records: list[Recorded[Any]] = []
         self.committed = False
+        self.stored = 0  # how many records with durable handlers it has: written before COMMIT
+        self.handovers: list[tuple[Handover, AsyncEngine]] = []
 
 
 class TransactionalEvents:
@@ -168,7 +195,9 @@ class TransactionalEvents:
             return AppOut(id=app.id)
     """
 
-    def __init__(self, bus: EventBus, *, rollback_bus: EventBus | None = None) -> None:
+    def __init__(
+        self, bus: EventBus, *, rollback_bus: EventBus | None = None, outbox: Outbox | None = None
+    ) -> None:
         check_instance(bus, EventBus, "TransactionalEvents() takes an EventBus")
         check_instance(
             rollback_bus,
@@ -176,7 +205,11 @@ class TransactionalEvents:
             "TransactionalEvents(rollback_bus=...) takes an EventBus or None",
             none=True,
         )
+        check_instance(outbox, Outbox, "TransactionalEvents(outbox=...) takes an Outbox", none=True)
         self.bus = bus
+        self.outbox = outbox
+        if outbox is not None:
+            outbox._attach(bus)
         self.rollback_bus = rollback_bus if rollback_bus is not None else EventBus()
         self._before: list[tuple[type, str, Callable[[Any, AsyncSession], Awaitable[object]]]] = []
         self._before_cache: dict[type, tuple[tuple[str, Any], ...]] = {}
@@ -185,12 +218,24 @@ class TransactionalEvents:
     def __repr__(self) -> str:
         return f"<TransactionalEvents bus={self.bus!r} before_commit={len(self._before)}>"
 
-    def record(self, session: AsyncSession, event: E) -> Recorded[E]:
+    def record(
+        self,
+        session: AsyncSession,
+        event: E,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Recorded[E]:
         """Record ``event`` in the session's current transaction (or savepoint).
 
         It is emitted on the bus after the outermost transaction commits, and discarded if
         that transaction, or the savepoint it was recorded in, rolls back. Raises
         `NoTransactionError` when the session has no transaction in progress.
+
+        Its durable handlers (``durable=True``) get it through the outbox instead: the event
+        and their deliveries are written in the transaction, just before COMMIT, and run at
+        least once. ``key`` (default: the field the class names in ``__event_key__``) orders
+        one handler's deliveries of one key; ``headers`` travel with the stored event.
         """
         if isinstance(event, type):
             raise TypeError(f"record() takes an event instance, got the class {event.__qualname__}")
@@ -206,9 +251,27 @@ class TransactionalEvents:
         transaction = sync.info.get(_STATE_KEY)
         if transaction is None:
             transaction = sync.info[_STATE_KEY] = _Transaction(session)
-        recorded = Recorded(event, self, scope)
+        stored = self._stored(event, key, headers)
+        recorded = Recorded(event, self, scope, stored)
         transaction.records.append(recorded)
+        transaction.stored += stored is not None
         return recorded
+
+    def _stored(
+        self, event: object, key: str | None, headers: Mapping[str, str] | None
+    ) -> StoredEvent | None:
+        durable = self.bus._route(event).durable
+        if not durable:
+            return None
+        if self.outbox is None:
+            names = ", ".join(sub.name for sub in durable)
+            raise ConfigurationError(
+                f"{event_name(event)} has durable handlers ({names}) but these "
+                f"TransactionalEvents have no outbox: TransactionalEvents(bus, outbox=Outbox(...))"
+            )
+        return self.outbox._prepare(
+            self.bus, event, tuple(sub.name for sub in durable), key, headers
+        )
 
     def before_commit(
         self, event_type: type[E]
@@ -302,7 +365,7 @@ def _on_before_commit(session: Session) -> None:
                 unprepared = True
             else:
                 recorded._prepared = True
-    if unprepared:
+    if unprepared or transaction.stored:
         await_only(_run_before_commit(transaction))
 
 
@@ -316,6 +379,34 @@ async def _run_before_commit(transaction: _Transaction) -> None:
             continue
         await _run_before_handlers(recorded, transaction.session)
         recorded._prepared = True
+    if transaction.stored:
+        await _write_stored(transaction)
+
+
+async def _write_stored(transaction: _Transaction) -> None:
+    """Write the durable deliveries, last thing before COMMIT, one outbox and bus at a time.
+
+    Written here rather than when recorded: what a rolled-back savepoint recorded is never
+    written, a keyed event's lock is held only from here to COMMIT, and one statement per
+    transaction writes them all.
+    """
+    groups: dict[tuple[int, int], list[StoredEvent]] = {}
+    outboxes: dict[int, Outbox] = {}
+    for recorded in transaction.records:
+        stored = recorded._stored
+        if stored is not None and not recorded._written and recorded.outcome is Outcome.PENDING:
+            outbox = recorded._owner.outbox
+            assert outbox is not None
+            outboxes[id(outbox)] = outbox
+            groups.setdefault((id(outbox), id(stored.bus)), []).append(stored)
+            recorded._written = True
+    connection = await transaction.session.connection()
+    for (outbox_id, _), group in groups.items():
+        outbox = outboxes[outbox_id]
+        handover = await outbox._write(connection, group)
+        if handover is not None:
+            transaction.handovers.append((handover, outbox.engine))
+    transaction.stored = 0
 
 
 async def _run_before_handlers(recorded: Recorded[Any], session: AsyncSession) -> None:
@@ -364,7 +455,7 @@ def _on_transaction_end(session: Session, ended: SessionTransaction) -> None:
             if recorded.outcome is Outcome.PENDING:
                 recorded.outcome = Outcome.DISCARDED
     if in_greenlet():
-        await_only(_deliver(records))
+        await_only(_deliver(records, transaction.handovers if transaction.committed else ()))
     else:  # closed by synchronous code (close_all_sessions()): nothing can be awaited here
         _abandon(records, "the session's transaction ended outside its asyncio greenlet")
 
@@ -383,11 +474,16 @@ def _check_prepared(records: Sequence[Recorded[Any]]) -> None:
             )
 
 
-async def _deliver(records: Sequence[Recorded[Any]]) -> None:
+async def _deliver(
+    records: Sequence[Recorded[Any]], handovers: Sequence[tuple[Handover, AsyncEngine]]
+) -> None:
+    for handover, engine in handovers:  # first: durable work starts while the rest runs
+        await handover.hand_over(engine)
     for index, recorded in enumerate(records):
         try:
             if recorded.outcome is Outcome.PENDING:
-                recorded.result = await recorded._owner.bus.emit(recorded.event)
+                bus = recorded._owner.bus
+                recorded.result = await bus._emit_volatile(recorded.event)
                 recorded.outcome = Outcome.DELIVERED
             else:
                 recorded.result = await recorded._owner.rollback_bus.emit(recorded.event)

@@ -9,6 +9,7 @@ import pytest
 
 MODULES = [
     "aioevents._bus",
+    "aioevents._codec",
     "aioevents._names",
     "aioevents._policies",
     "aioevents._router",

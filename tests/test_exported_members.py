@@ -13,6 +13,7 @@ PUBLIC = {
     "BusStateError",
     "ConfigurationError",
     "DrainReport",
+    "Durable",
     "EmitResult",
     "EventBus",
     "HandlerCancelledError",

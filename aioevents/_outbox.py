@@ -1,0 +1,427 @@
+"""The Outbox: the stored side of durable delivery, and what operators do with it."""
+
+from __future__ import annotations
+
+import enum
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+from ._bus import EventBus
+from ._checks import check_instance, check_positive_int, check_seconds
+from ._codec import Codec, uuid7
+from ._exceptions import AioEventsError, ConfigurationError
+from ._names import event_name, event_version
+from ._outbox_relay import Delivery, Job, Relay, RelaySettings, current_delivery
+from ._outbox_store import NewDelivery, NewEvent, Store, now
+
+__all__ = [
+    "DeliveryRecord",
+    "DeliveryStatus",
+    "Handover",
+    "NotInDeliveryError",
+    "Outbox",
+    "StoredEvent",
+]
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEY_LENGTH = 255  # the key column's size
+
+
+class NotInDeliveryError(AioEventsError):
+    """Raised by `Outbox.first_time` outside a durable handler's delivery."""
+
+
+class DeliveryStatus(enum.StrEnum):
+    """Where a stored delivery stands."""
+
+    PENDING = "pending"
+    """Waiting for its (next) attempt, or leased to a relay that runs it."""
+    COMPLETED = "completed"
+    """Its handler succeeded."""
+    DEAD = "dead"
+    """Out of attempts, or its event could not be decoded: kept until resubmitted or
+    discarded, and holding back the later deliveries of its handler and key."""
+    DISCARDED = "discarded"
+    """Given up by an operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """One stored delivery, as `Outbox.deliveries` lists it."""
+
+    id: int
+    event_id: uuid.UUID
+    event_name: str
+    handler: str
+    key: str | None
+    status: DeliveryStatus
+    attempts: int
+    due_at: datetime
+    leased_until: datetime | None
+    created_at: datetime
+    finished_at: datetime | None
+    error_type: str | None
+    error_message: str | None
+    error_traceback: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """What `TransactionalEvents.record` prepared for the outbox: written before COMMIT."""
+
+    row: NewEvent
+    handlers: tuple[str, ...]
+    bus: EventBus
+    event: object
+    headers: dict[str, str]
+
+
+class Outbox:
+    """Durable delivery on the application's own database (PostgreSQL or SQLite).
+
+    Give it to `aioevents.sqlalchemy.TransactionalEvents`: an event recorded there is
+    written, with one delivery per durable handler, in the recording transaction; the
+    committing process runs its deliveries right after COMMIT, and every running bus's relay
+    runs what is due, including what a dead process left: at least once.
+
+    ``lease`` is how long a relay holds a delivery without renewing it, ``poll_interval`` how
+    often relays look for due deliveries besides being woken, ``concurrency`` how many
+    handlers a relay runs at once, ``batch_size`` how many deliveries it claims at a time.
+    Completed deliveries are kept ``keep_completed`` (None: deleted at completion).
+    Tables are named ``table_prefix`` + ``events`` / ``deliveries`` / ``inbox``, in
+    ``schema`` if given; `metadata` holds them (for Alembic).
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        schema: str | None = None,
+        table_prefix: str = "aioevents_",
+        codec: Codec | None = None,
+        lease: float = 30.0,
+        poll_interval: float = 1.0,
+        concurrency: int = 4,
+        batch_size: int = 100,
+        keep_completed: timedelta | None = timedelta(days=7),
+        drain_timeout: float = 30.0,
+    ) -> None:
+        check_instance(engine, AsyncEngine, "Outbox() takes an AsyncEngine")
+        _check_identifier("table_prefix", table_prefix)
+        if schema is not None:
+            _check_identifier("schema", schema)
+        check_instance(codec, Codec, "Outbox(codec=...) takes a Codec or None", none=True)
+        for name, seconds in (("lease", lease), ("poll_interval", poll_interval)):
+            check_seconds(name, seconds)
+        check_seconds("drain_timeout", drain_timeout)
+        check_positive_int("concurrency", concurrency)
+        check_positive_int("batch_size", batch_size)
+        check_instance(
+            keep_completed,
+            timedelta,
+            "Outbox(keep_completed=...) takes a timedelta or None",
+            none=True,
+        )
+        self.engine = engine
+        self.codec = codec if codec is not None else Codec()
+        self._store = Store(table_prefix, schema)
+        self._settings = RelaySettings(
+            lease, poll_interval, concurrency, batch_size, keep_completed, drain_timeout
+        )
+        self._local: dict[EventBus, Relay] = {}  # the relay each running bus runs
+        self._attached: set[int] = set()
+        self._registered: set[type] = set()
+
+    def __repr__(self) -> str:
+        return f"<Outbox {self._store.deliveries.fullname} on {self.engine.url!r}>"
+
+    @property
+    def metadata(self) -> Any:
+        """The SQLAlchemy `MetaData` of the outbox's tables (for Alembic's target_metadata)."""
+        return self._store.metadata
+
+    async def create_tables(self) -> None:
+        """Create the tables (and PostgreSQL's wake-up trigger) unless they exist."""
+        async with self.engine.begin() as connection:
+            await connection.run_sync(self._store.metadata.create_all)
+
+    async def drop_tables(self) -> None:
+        async with self.engine.begin() as connection:
+            await connection.run_sync(self._store.metadata.drop_all)
+
+    # -- relays -----------------------------------------------------------------------------
+
+    def relay(self, bus: EventBus, *, concurrency: int | None = None) -> Relay:
+        """A relay for ``bus``'s durable handlers: ``async with outbox.relay(bus):``.
+
+        A bus given to `TransactionalEvents` with this outbox runs one while it runs; this
+        starts more, for example in a process that only delivers.
+        """
+        check_instance(bus, EventBus, "relay() takes an EventBus")
+        settings = self._settings
+        if concurrency is not None:
+            check_positive_int("concurrency", concurrency)
+            settings = RelaySettings(
+                settings.lease,
+                settings.poll_interval,
+                concurrency,
+                settings.batch_size,
+                settings.keep_completed,
+                settings.drain_timeout,
+            )
+        return Relay(bus, self.engine, self._store, self.codec, settings)
+
+    def _attach(self, bus: EventBus) -> None:
+        """Run a relay for ``bus`` whenever it runs, and hand it what its process commits."""
+        if id(bus) in self._attached:
+            return
+        self._attached.add(id(bus))
+
+        def local_relay() -> Relay:
+            relay = Relay(
+                bus, self.engine, self._store, self.codec, self._settings, on_close=self._forget
+            )
+            self._local[bus] = relay
+            return relay
+
+        bus._attach(local_relay)
+
+    def _forget(self, relay: Relay) -> None:
+        if self._local.get(relay.bus) is relay:
+            del self._local[relay.bus]
+
+    # -- recording (for TransactionalEvents) -------------------------------------------------
+
+    def _prepare(
+        self,
+        bus: EventBus,
+        event: object,
+        handlers: tuple[str, ...],
+        key: str | None,
+        headers: Mapping[str, str] | None,
+    ) -> StoredEvent:
+        """Encode ``event`` now, so that what cannot be stored fails where it is recorded."""
+        if type(event) not in self._registered:  # register() walks every subclass: once
+            self.codec.register(type(event))
+            self._registered.add(type(event))
+        checked_headers = _checked_headers(headers)
+        row = NewEvent(
+            id=uuid7(),
+            name=event_name(event),
+            version=event_version(event),
+            key=_event_key(event) if key is None else _checked_key(key),
+            payload=self.codec.encode(event),
+            headers=self.codec.encode_headers(checked_headers),
+            recorded_at=now(),
+        )
+        return StoredEvent(row, handlers, bus, event, checked_headers)
+
+    async def _write(
+        self, connection: AsyncConnection, stored: Sequence[StoredEvent]
+    ) -> Handover | None:
+        """Write recorded events and their deliveries into the committing transaction; lease
+        them to the bus's own relay if it runs and has room (handed over after COMMIT)."""
+        bus = stored[0].bus
+        relay = self._local.get(bus)
+        lease = None
+        if relay is not None and relay.has_room():
+            lease = (relay.token, now() + timedelta(seconds=self._settings.lease))
+        deliveries = [
+            NewDelivery(item.row.id, handler, item.row.key)
+            for item in stored
+            for handler in item.handlers
+        ]
+        leased = await self._store.record(
+            connection, [item.row for item in stored], deliveries, lease
+        )
+        if relay is None or not leased:
+            return None
+        return Handover(relay, _jobs(stored, deliveries, leased), self._store)
+
+    # -- operators --------------------------------------------------------------------------
+
+    async def deliveries(
+        self,
+        *,
+        status: DeliveryStatus | str | None = None,
+        handler: str | None = None,
+        event_name: str | None = None,
+        key: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after: int | None = None,
+        limit: int = 100,
+    ) -> list[DeliveryRecord]:
+        """Stored deliveries, oldest first, filtered; the next page starts ``after`` the last
+        id of this one (keyset pagination: a deep page costs what the first does)."""
+        check_positive_int("limit", limit)
+        d, e = self._store.deliveries, self._store.events
+        query = select(d, e.c.name).join(e, e.c.id == d.c.event_id).order_by(d.c.id).limit(limit)
+        equal = {
+            d.c.status: None if status is None else DeliveryStatus(status).value,
+            d.c.handler: handler,
+            e.c.name: event_name,
+            d.c.key: key,
+        }
+        query = query.where(*(column == value for column, value in equal.items() if value))
+        if since is not None:
+            query = query.where(d.c.created_at >= since)
+        if until is not None:
+            query = query.where(d.c.created_at < until)
+        if after is not None:
+            query = query.where(d.c.id > after)
+        async with self.engine.connect() as connection:
+            rows = (await connection.execute(query)).all()
+        return [_delivery_record(row) for row in rows]
+
+    async def resubmit(self, ids: Iterable[int]) -> int:
+        """Make dead deliveries pending again, attempts from zero; returns how many were dead
+        (only those are touched, so a retry clicked twice runs once)."""
+        async with self.engine.begin() as connection:
+            return await self._store.resubmit(connection, _ids(ids))
+
+    async def discard(self, ids: Iterable[int]) -> int:
+        """Give up pending or dead deliveries that no relay is running; returns how many."""
+        async with self.engine.begin() as connection:
+            return await self._store.discard(connection, _ids(ids))
+
+    async def purge(self) -> int:
+        """Delete completed and discarded deliveries older than ``keep_completed`` (and events
+        left without deliveries); relays do this every minute. Returns how many."""
+        keep = self._settings.keep_completed or timedelta(0)
+        async with self.engine.begin() as connection:
+            return await self._store.purge(connection, now() - keep)
+
+    async def first_time(self, session: AsyncSession) -> bool:
+        """In a durable handler: record its delivery in the inbox, in ``session``'s transaction.
+
+        True the first time for this handler and event; False when a committed transaction
+        recorded it already (the handler ran before and should return). Write the handler's
+        effects in the same transaction, and it is exactly once for this database.
+        """
+        delivery = current_delivery()
+        if delivery is None:
+            raise NotInDeliveryError("first_time() is called from a durable handler's delivery")
+        connection = await session.connection()
+        return await self._store.first_time(connection, delivery.handler, delivery.event_id)
+
+
+@dataclass(slots=True)
+class Handover:
+    """Deliveries leased at COMMIT to the committing bus's relay, to hand it afterwards."""
+
+    relay: Relay
+    jobs: list[Job]
+    store: Store
+
+    async def hand_over(self, engine: AsyncEngine) -> None:
+        if self.relay.take(self.jobs):
+            return
+        # It stopped meanwhile: give them back at once rather than wait out the lease.
+        async with engine.begin() as connection:
+            ids = [job.delivery.id for job in self.jobs]
+            await self.store.release(connection, ids, self.relay.token)
+        self.relay.wake()
+
+
+def _jobs(
+    stored: Sequence[StoredEvent],
+    deliveries: Sequence[NewDelivery],
+    leased: Sequence[tuple[int, int]],
+) -> list[Job]:
+    """The leased deliveries as jobs holding the recorded objects themselves (no decoding)."""
+    by_id = {item.row.id: item for item in stored}
+    jobs = []
+    for index, delivery_id in leased:
+        delivery = deliveries[index]
+        item = by_id[delivery.event_id]
+        running = Delivery(
+            id=delivery_id,
+            event_id=item.row.id,
+            event_name=item.row.name,
+            handler=delivery.handler,
+            attempt=1,
+            key=delivery.key,
+            headers=item.headers,
+            recorded_at=item.row.recorded_at,
+        )
+        jobs.append(Job(running, event=item.event))
+    return jobs
+
+
+def _event_key(event: object) -> str | None:
+    field = getattr(type(event), "__event_key__", None)
+    if field is None:
+        return None
+    if not isinstance(field, str) or not field:
+        raise ConfigurationError(
+            f"{type(event).__qualname__}.__event_key__ names the field whose value is the "
+            f"key: a non-empty str, got {field!r}"
+        )
+    try:
+        value = getattr(event, field)
+    except AttributeError:
+        raise ConfigurationError(
+            f"{type(event).__qualname__}.__event_key__ is {field!r}, which the event lacks"
+        ) from None
+    return None if value is None else _checked_key(str(value))
+
+
+def _checked_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"an event key is a str, got {key!r}")
+    if not key or len(key) > _KEY_LENGTH:
+        raise ValueError(f"an event key has 1 to {_KEY_LENGTH} characters, got {key!r}")
+    return key
+
+
+def _checked_headers(headers: object) -> dict[str, str]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise TypeError(f"headers are a mapping of str to str, got {headers!r}")
+    return dict(headers)
+
+
+def _check_identifier(what: str, value: object) -> None:
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        raise ConfigurationError(
+            f"Outbox({what}=...) takes a plain SQL identifier (letters, digits, _), got {value!r}"
+        )
+
+
+def _ids(ids: Iterable[int]) -> list[int]:
+    if isinstance(ids, int):
+        raise TypeError("pass the delivery ids as a list, e.g. [record.id]")
+    listed = list(ids)
+    if not all(type(i) is int for i in listed):
+        raise TypeError(f"delivery ids are ints, got {listed!r}")
+    return listed
+
+
+def _delivery_record(row: Any) -> DeliveryRecord:
+    return DeliveryRecord(
+        id=row.id,
+        event_id=row.event_id,
+        event_name=row.name,
+        handler=row.handler,
+        key=row.key,
+        status=DeliveryStatus(row.status),
+        attempts=row.attempts,
+        due_at=row.due_at,
+        leased_until=row.lease_expires,
+        created_at=row.created_at,
+        finished_at=row.finished_at,
+        error_type=row.error_type,
+        error_message=row.error_message,
+        error_traceback=row.error_traceback,
+    )

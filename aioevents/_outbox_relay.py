@@ -1,0 +1,482 @@
+"""The relay: claims stored deliveries and runs their durable handlers, at least once.
+
+One relay runs in every process that runs ``async with bus:`` on a bus with an outbox (and
+``python -m aioevents relay module:bus`` runs one alone). Its tasks:
+
+- the fetcher claims due deliveries (``FOR UPDATE SKIP LOCKED`` and a lease) when workers
+  have room, woken by NOTIFY on PostgreSQL, by its own completions, and by a poll;
+- ``concurrency`` workers run one delivery each at a time, through the bus's guard (hooks,
+  limiter, isolation), with the delivery readable from `current_delivery`;
+- the writer records outcomes in batches, guarded by the lease token, and wakes the fetcher:
+  a key's next delivery becomes claimable once the previous one is written complete;
+- the renewer extends the leases of what the relay holds, so a long handler keeps its
+  delivery; a relay that dies stops renewing and its deliveries are claimed again;
+- the listener (PostgreSQL with asyncpg) and the retention sweep.
+
+The committing process hands the deliveries it leased at COMMIT straight to its relay's
+queue (`Relay.take`): no poll, no claim. Stopping, the relay stops claiming, gives back what
+it holds but has not started, lets running handlers finish within ``drain_timeout``, gives
+back those it then cancels, and writes every outcome before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar, copy_context
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Self
+
+import anyio
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ._bus import EventBus
+from ._codec import Codec, EventDecodeError
+from ._dispatch import run_in_context
+from ._exceptions import BusStateError
+from ._outbox_store import Claimed, Failure, Store, now
+from ._result import HandlerError
+from ._subscription import Subscription
+
+__all__ = ["Delivery", "Job", "Relay", "RelaySettings", "current_delivery"]
+
+logger = logging.getLogger("aioevents.outbox")
+_PURGE_EVERY = 60.0  # seconds between retention sweeps
+_RETRY_WRITE_AFTER = 1.0  # seconds before writing outcomes again after a database error
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The stored delivery a durable handler is running: read it with `current_delivery`.
+
+    A handler is run at least once per delivery: ``event_id`` is what makes it idempotent
+    (see `Outbox.first_time`); ``attempt`` counts from 1.
+    """
+
+    id: int
+    event_id: uuid.UUID
+    event_name: str
+    handler: str
+    attempt: int
+    key: str | None
+    headers: Mapping[str, str]
+    recorded_at: datetime
+
+
+_current: ContextVar[Delivery | None] = ContextVar("aioevents_delivery", default=None)
+
+
+def current_delivery() -> Delivery | None:
+    """The delivery the calling durable handler runs for; None outside one."""
+    return _current.get()
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    lease: float
+    poll_interval: float
+    concurrency: int
+    batch_size: int
+    keep_completed: timedelta | None
+    drain_timeout: float
+
+
+@dataclass(slots=True)
+class Job:
+    """One leased delivery in a relay's hands: stored (to decode) or handed over at COMMIT."""
+
+    delivery: Delivery
+    event: object = None  # the recorded object itself when handed over by its committer
+    stored: Claimed | None = field(default=None, repr=False)
+
+
+class Relay:
+    """Runs the durable handlers of one bus for the deliveries of one outbox.
+
+    An async context manager (asyncio): `Outbox.relay` makes one, and a bus given to
+    `TransactionalEvents` with an outbox runs one while it runs. ``delivered`` counts the
+    deliveries completed here, ``failed`` the failed attempts, ``dead`` those out of attempts.
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        engine: AsyncEngine,
+        store: Store,
+        codec: Codec,
+        settings: RelaySettings,
+        *,
+        on_close: Callable[[Relay], object] | None = None,
+    ) -> None:
+        self.bus = bus
+        self.token = uuid.uuid4()  # what its leases and writes carry
+        self.delivered = 0
+        self.failed = 0
+        self.dead = 0
+        self._engine = engine
+        self._store = store
+        self._codec = codec
+        self._settings = settings
+        self._on_close = on_close
+        self._queue: deque[Job] = deque()
+        self._running: dict[int, Job] = {}
+        self._completed: list[int] = []
+        self._failures: list[Failure] = []
+        self._released: list[int] = []
+        self._job_ready = asyncio.Event()
+        self._fetch_wanted = asyncio.Event()
+        self._write_wanted = asyncio.Event()
+        self._workers_left = 0
+        self._workers_done = asyncio.Event()
+        self._accepting = False
+        self._group: Any = None
+        self._services = anyio.CancelScope()  # fetcher, listener, sweeper, renewer, writer
+        self._workers: list[anyio.CancelScope] = []
+
+    def __repr__(self) -> str:
+        return f"<Relay bus={self.bus!r} running={len(self._running)} queued={len(self._queue)}>"
+
+    # -- handing over ------------------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        """Whether deliveries leased at COMMIT may be handed to this relay."""
+        settings = self._settings
+        limit = settings.concurrency + settings.batch_size
+        return self._accepting and len(self._queue) + len(self._running) < limit
+
+    def take(self, jobs: Sequence[Job]) -> bool:
+        """Queue deliveries its committer leased to this relay; False once it stops."""
+        if not self._accepting:
+            return False
+        self._queue.extend(jobs)
+        self._job_ready.set()
+        return True
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if asyncio._get_running_loop() is None:
+            raise BusStateError("the outbox's relay runs on asyncio (SQLAlchemy's asyncio)")
+        self._codec.register(*{sub.event_type for sub in self._handlers().values()})
+        self._group = anyio.create_task_group()
+        await self._group.__aenter__()
+        self._accepting = True
+        self._group.start_soon(self._run_services)
+        self._workers_left = self._settings.concurrency
+        for _ in range(self._settings.concurrency):
+            self._group.start_soon(self._work)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._stop()
+        finally:
+            # Outside the shield, which was entered after the group: scopes nest.
+            await self._group.__aexit__(None, None, None)
+            if self._on_close is not None:
+                self._on_close(self)
+
+    async def _stop(self) -> None:
+        self._accepting = False
+        unstarted = [job.delivery.id for job in self._queue]
+        self._queue.clear()
+        self._released.extend(unstarted)
+        self._job_ready.set()  # idle workers see the end
+        with anyio.move_on_after(self._settings.drain_timeout):
+            await self._workers_done.wait()
+        if not self._workers_done.is_set():
+            logger.warning(
+                "relay: %d handler(s) still running after %ss: cancelled, their deliveries "
+                "given back to run again",
+                len(self._running),
+                self._settings.drain_timeout,
+            )
+            for scope in self._workers:
+                scope.cancel()
+            await self._workers_done.wait()
+        self._services.cancel()
+        await self._write()  # every outcome, and what it gives back
+
+    async def _run_services(self) -> None:
+        with self._services:
+            async with anyio.create_task_group() as services:
+                services.start_soon(self._fetch_loop)
+                services.start_soon(self._write_loop)
+                services.start_soon(self._renew_loop)
+                services.start_soon(self._listen_loop)
+                services.start_soon(self._purge_loop)
+
+    def _handlers(self) -> dict[str, Subscription]:
+        return self.bus.durable_handlers
+
+    # -- claiming --------------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        settings = self._settings
+        while True:
+            room = settings.concurrency + settings.batch_size
+            room -= len(self._queue) + len(self._running)
+            claimed = await self._claim(min(room, settings.batch_size)) if room > 0 else -1
+            if claimed == settings.batch_size:
+                continue  # more may be due at once
+            self._fetch_wanted.clear()
+            with anyio.move_on_after(settings.poll_interval):
+                await self._fetch_wanted.wait()
+
+    async def _claim(self, limit: int) -> int:
+        handlers = self._handlers()
+        if not handlers:
+            return 0
+        try:
+            # Shielded: a claim cut short after its COMMIT would leave its leases unknown here.
+            with anyio.CancelScope(shield=True):
+                async with self._engine.begin() as connection:
+                    claimed = await self._store.claim(
+                        connection, handlers, self.token, self._settings.lease, limit
+                    )
+        except Exception as exc:
+            logger.warning("relay: claiming deliveries failed, retrying at the next poll: %r", exc)
+            return 0
+        if claimed:
+            self._queue.extend(map(_stored_job, claimed))
+            self._job_ready.set()
+        return len(claimed)
+
+    def wake(self) -> None:
+        self._fetch_wanted.set()
+
+    # -- working ----------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        scope = anyio.CancelScope()
+        self._workers.append(scope)
+        try:
+            with scope:
+                while True:
+                    job = await self._next_job()
+                    if job is None:
+                        return
+                    await self._run(job)
+        finally:
+            self._workers_left -= 1
+            if not self._workers_left:
+                self._workers_done.set()
+
+    async def _next_job(self) -> Job | None:
+        while not self._queue:
+            if not self._accepting:
+                return None
+            self._job_ready.clear()
+            await self._job_ready.wait()
+        return self._queue.popleft()
+
+    async def _run(self, job: Job) -> None:
+        delivery = job.delivery
+        sub = self._handlers().get(delivery.handler)
+        if sub is None or sub.durable is None:  # unsubscribed since: left for another relay
+            self._released.append(delivery.id)
+            self._write_wanted.set()
+            return
+        try:
+            event = job.event if job.stored is None else self._decode(job.stored)
+        except EventDecodeError as exc:  # retrying would not help: dead, with the reason
+            logger.error("relay: delivery %d to %s is dead: %s", delivery.id, sub.name, exc)
+            self._fail(delivery, exc, dead=True)
+            return
+        self._running[delivery.id] = job
+        errors: list[HandlerError] = []
+        context = copy_context()
+        context.run(_current.set, delivery)
+        try:
+            await run_in_context(context, self.bus._guarded(sub, event, errors))
+        except BaseException:
+            # Cancelled while it ran (the relay stopping), or a KeyboardInterrupt: it runs again.
+            self._released.append(delivery.id)
+            raise
+        finally:
+            del self._running[delivery.id]
+        if errors:
+            assert sub.durable is not None
+            dead = delivery.attempt >= sub.durable.max_attempts
+            self._fail(delivery, errors[0].exception, dead=dead, wait=sub.durable.wait)
+        else:
+            self._completed.append(delivery.id)
+            self._write_wanted.set()
+
+    def _decode(self, stored: Claimed) -> object:
+        return self._codec.decode(stored.event_name, stored.event_version, stored.payload)
+
+    def _fail(
+        self,
+        delivery: Delivery,
+        error: BaseException,
+        *,
+        dead: bool,
+        wait: Callable[[int, float], float] | None = None,
+    ) -> None:
+        delay = 0.0 if wait is None else wait(delivery.attempt, random.random())
+        due = now() + timedelta(seconds=delay)
+        self._failures.append(Failure(delivery.id, dead, due, error))
+        self._write_wanted.set()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._write_wanted.wait()
+            self._write_wanted.clear()
+            if not await self._write():
+                await anyio.sleep(_RETRY_WRITE_AFTER)
+                self._write_wanted.set()
+
+    async def _write(self) -> bool:
+        """Write the outcomes gathered so far in one transaction; False if it failed (they
+        are kept for the next try, and their leases renewed meanwhile)."""
+        completed, failures, released = self._completed, self._failures, self._released
+        if not (completed or failures or released):
+            return True
+        self._completed, self._failures, self._released = [], [], []
+        try:
+            # Shielded: the outcomes are out of the lists; they must reach the database.
+            with anyio.CancelScope(shield=True):
+                written = await self._write_outcomes(completed, failures, released)
+        except Exception as exc:
+            logger.warning("relay: writing %d outcome(s) failed: %r", len(completed), exc)
+            self._completed[:0], self._failures[:0] = completed, failures
+            self._released[:0] = released
+            return False
+        self._count(completed, failures, written)
+        self.wake()  # room for more, and a key's next delivery may now be due
+        return True
+
+    async def _write_outcomes(
+        self, completed: list[int], failures: list[Failure], released: list[int]
+    ) -> int:
+        store, token = self._store, self.token
+        async with self._engine.begin() as connection:
+            written = 0
+            if completed:
+                keep = self._settings.keep_completed is not None
+                written += await store.complete(connection, completed, token, keep=keep)
+            if failures:
+                written += await store.fail(connection, failures, token)
+            if released:
+                await store.release(connection, released, token)
+        return written
+
+    def _count(self, completed: list[int], failures: list[Failure], written: int) -> None:
+        self.delivered += len(completed)
+        self.failed += len(failures)
+        self.dead += sum(failure.dead for failure in failures)
+        lost = len(completed) + len(failures) - written
+        if lost:
+            logger.warning(
+                "relay: %d delivery outcome(s) written after their lease had passed to another "
+                "relay: those deliveries may run twice (at least once)",
+                lost,
+            )
+
+    # -- leases, wake-ups, retention --------------------------------------------------------
+
+    async def _renew_loop(self) -> None:
+        lease = self._settings.lease
+        while True:
+            await anyio.sleep(lease / 3)
+            held = [job.delivery.id for job in (*self._queue, *self._running.values())]
+            held += self._completed + [failure.id for failure in self._failures]
+            if not held:
+                continue
+            try:
+                async with self._engine.begin() as connection:
+                    await self._store.renew(connection, held, self.token, lease)
+            except Exception as exc:
+                logger.warning("relay: renewing %d lease(s) failed: %r", len(held), exc)
+
+    async def _listen_loop(self) -> None:
+        if self._engine.dialect.driver != "asyncpg":
+            return  # polling alone
+        while True:
+            try:
+                await self._listen()
+            except Exception as exc:
+                logger.info("relay: LISTEN connection lost (%r); polling meanwhile", exc)
+            await anyio.sleep(self._settings.poll_interval)
+
+    async def _listen(self) -> None:
+        async with self._engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            driver: Any = raw.driver_connection
+            lost = asyncio.Event()
+            channel = self._store.channel
+
+            def notified(*_: object) -> None:
+                self.wake()
+
+            await driver.add_listener(channel, notified)
+            driver.add_termination_listener(lambda *_: lost.set())
+            self.wake()  # what was committed while nobody listened
+            try:
+                await lost.wait()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if not driver.is_closed():
+                        await driver.remove_listener(channel, notified)
+
+    async def _purge_loop(self) -> None:
+        keep = self._settings.keep_completed or timedelta(0)
+        while True:
+            try:
+                async with self._engine.begin() as connection:
+                    await self._store.purge(connection, now() - keep)
+            except Exception as exc:
+                logger.warning("relay: the retention sweep failed: %r", exc)
+            await anyio.sleep(_PURGE_EVERY)
+
+
+def _stored_job(claimed: Claimed) -> Job:
+    delivery = Delivery(
+        id=claimed.id,
+        event_id=claimed.event_id,
+        event_name=claimed.event_name,
+        handler=claimed.handler,
+        attempt=claimed.attempt,
+        key=claimed.key,
+        headers=_LazyHeaders(claimed.headers),
+        recorded_at=claimed.recorded_at,
+    )
+    return Job(delivery, stored=claimed)
+
+
+class _LazyHeaders(Mapping[str, str]):
+    """Headers decoded when first read: most handlers never look."""
+
+    __slots__ = ("_decoded", "_text")
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._decoded: dict[str, str] | None = None
+
+    def _headers(self) -> dict[str, str]:
+        if self._decoded is None:
+            from msgspec.json import decode
+
+            self._decoded = decode(self._text, type=dict[str, str])
+        return self._decoded
+
+    def __getitem__(self, key: str) -> str:
+        return self._headers()[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._headers())
+
+    def __len__(self) -> int:
+        return len(self._headers())
+
+    def __repr__(self) -> str:
+        return repr(self._headers())

@@ -1,0 +1,537 @@
+"""The outbox's tables and every statement run on them.
+
+Two tables and an inbox. ``events`` holds one row per recorded event (id, name, version, key,
+payload, headers, time); ``deliveries`` one row per event and durable handler, which is what
+relays claim, complete and fail. A delivery is ``pending`` until it is ``completed``, ``dead``
+(out of attempts, or undecodable) or ``discarded`` by an operator; while a relay runs it, it
+holds a lease: its relay's token and an expiry, renewed while the handler runs. A relay that
+dies stops renewing, the lease runs out and another relay claims the delivery again.
+
+Order per key: a delivery with a key is claimable only when no earlier delivery (smaller id)
+of the same handler and key is ``pending`` or ``dead``, so at most one runs at a time and they
+complete in id order. Ids follow commit order within a key because a keyed event's rows are
+written under a transaction-scoped advisory lock on the key, taken just before COMMIT
+(PostgreSQL); SQLite serialises all writing transactions anyway.
+
+Times are the relays' clocks, in UTC: machines that share an outbox keep their clocks in step
+(NTP), as a lease of tens of seconds allows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import traceback
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    DDL,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    Uuid,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+__all__ = ["Claimed", "Failure", "NewDelivery", "NewEvent", "Store", "now", "traceback_text"]
+
+PENDING, COMPLETED, DEAD, DISCARDED = "pending", "completed", "dead", "discarded"
+UNFINISHED = (PENDING, DEAD)  # what holds back the later deliveries of its handler and key
+_TRACEBACK_LIMIT = 16_000  # characters of a failure's traceback kept in its row
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def traceback_text(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception(exc))
+    return text if len(text) <= _TRACEBACK_LIMIT else "...\n" + text[-_TRACEBACK_LIMIT:]
+
+
+class Instant(TypeDecorator[datetime]):
+    """An aware UTC datetime on every database: SQLite has no time zones, so it keeps naive
+    UTC there (which also compares correctly as text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and dialect.name == "sqlite":
+            return value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    id: uuid.UUID
+    name: str
+    version: int
+    key: str | None
+    payload: str
+    headers: str
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    event_id: uuid.UUID
+    handler: str
+    key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A delivery a relay holds the lease of, with what its handler needs."""
+
+    id: int
+    handler: str
+    attempt: int
+    event_id: uuid.UUID
+    event_name: str
+    event_version: int
+    key: str | None
+    payload: str
+    headers: str
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    id: int
+    dead: bool
+    due_at: datetime
+    error: BaseException
+
+
+def _tables(metadata: MetaData, prefix: str, schema: str | None) -> tuple[Table, Table, Table]:
+    events = Table(
+        f"{prefix}events",
+        metadata,
+        Column("id", Uuid, primary_key=True),
+        Column("name", String(255), nullable=False),
+        Column("version", Integer, nullable=False),
+        Column("key", String(255)),
+        Column("payload", Text, nullable=False),
+        Column("headers", Text, nullable=False),
+        Column("recorded_at", Instant, nullable=False),
+        schema=schema,
+    )
+    deliveries = Table(
+        f"{prefix}deliveries",
+        metadata,
+        # Integer on SQLite: only an INTEGER PRIMARY KEY is its autoincrementing rowid.
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+        Column("event_id", Uuid, ForeignKey(events.c.id, ondelete="CASCADE"), nullable=False),
+        Column("handler", String(255), nullable=False),
+        Column("key", String(255)),
+        Column("status", String(16), nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("due_at", Instant, nullable=False),
+        Column("lease_token", Uuid),
+        Column("lease_expires", Instant),
+        Column("created_at", Instant, nullable=False),
+        Column("finished_at", Instant),
+        Column("error_type", String(255)),
+        Column("error_message", Text),
+        Column("error_traceback", Text),
+        UniqueConstraint("event_id", "handler", name=f"{prefix}deliveries_once"),
+        schema=schema,
+    )
+    pending = deliveries.c.status == PENDING
+    unfinished = deliveries.c.status.in_(UNFINISHED)
+    Index(
+        f"{prefix}deliveries_due",
+        deliveries.c.due_at,
+        deliveries.c.id,
+        postgresql_where=pending,
+        sqlite_where=pending,
+    )
+    Index(
+        f"{prefix}deliveries_key",
+        deliveries.c.handler,
+        deliveries.c.key,
+        deliveries.c.id,
+        postgresql_where=unfinished,
+        sqlite_where=unfinished,
+    )
+    # Operators' queries page by (status, id); the retention sweep finds old finished rows.
+    Index(f"{prefix}deliveries_status", deliveries.c.status, deliveries.c.id)
+    Index(f"{prefix}deliveries_handler", deliveries.c.handler, deliveries.c.status)
+    inbox = Table(
+        f"{prefix}inbox",
+        metadata,
+        Column("handler", String(255), primary_key=True),
+        Column("event_id", Uuid, primary_key=True),
+        Column("processed_at", Instant, nullable=False),
+        schema=schema,
+    )
+    _listen_for_new_deliveries(deliveries, schema, prefix)
+    return events, deliveries, inbox
+
+
+def _listen_for_new_deliveries(deliveries: Table, schema: str | None, prefix: str) -> None:
+    """PostgreSQL: a NOTIFY on the channel for each transaction that adds deliveries no relay
+    holds yet, so that sleeping relays wake at COMMIT (polling still runs: a NOTIFY is lost
+    while a relay reconnects). Part of the metadata: create_all and create_tables make it."""
+    function = f"{schema}.{prefix}notify" if schema else f"{prefix}notify"
+    for statement in (
+        f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM pg_notify('{prefix}deliveries', ''); RETURN NULL; END $$",
+        f"CREATE TRIGGER {prefix}deliveries_notify AFTER INSERT ON %(fullname)s FOR EACH ROW "
+        f"WHEN (NEW.lease_token IS NULL) EXECUTE FUNCTION {function}()",
+    ):
+        sa_event.listen(deliveries, "after_create", DDL(statement).execute_if(dialect="postgresql"))  # type: ignore[no-untyped-call]
+    sa_event.listen(
+        deliveries,
+        "after_drop",
+        DDL(f"DROP FUNCTION IF EXISTS {function}()").execute_if(  # type: ignore[no-untyped-call]
+            dialect="postgresql"
+        ),
+    )
+
+
+def key_lock_id(key: str) -> int:
+    """A signed 64-bit advisory lock id for a key: two keys that collide merely share it."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"aioevents").digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class Store:
+    """The statements of one outbox, compiled once per shape by SQLAlchemy's cache."""
+
+    def __init__(self, prefix: str, schema: str | None) -> None:
+        self.metadata = MetaData()
+        self.events, self.deliveries, self.inbox = _tables(self.metadata, prefix, schema)
+        self.channel = f"{prefix}deliveries"  # PostgreSQL NOTIFY channel
+        self._claim = _claim_statement(self.deliveries)
+
+    # -- written in the recording transaction --------------------------------------------
+
+    async def record(
+        self,
+        connection: AsyncConnection,
+        events: Sequence[NewEvent],
+        deliveries: Sequence[NewDelivery],
+        lease: tuple[uuid.UUID, datetime] | None,
+    ) -> list[tuple[int, int]]:
+        """Write the events and their deliveries; return those leased to ``lease`` (the
+        committing process's relay) as (index in ``deliveries``, delivery id).
+
+        A keyed delivery is leased only if nothing earlier of its handler and key is
+        unfinished: it is then next in its key's order.
+        """
+        postgres = connection.dialect.name == "postgresql"
+        keys = sorted({d.key for d in deliveries if d.key is not None})
+        if postgres and keys:  # sorted: two transactions never wait for each other's locks
+            await connection.execute(
+                select(func.pg_advisory_xact_lock(bindparam("lock"))),
+                [{"lock": lock} for lock in sorted(map(key_lock_id, keys))],
+            )
+        leased = self._leasable(deliveries, await self._blocked(connection, keys), lease)
+        at = now()
+        event_rows = [
+            {
+                "id": e.id,
+                "name": e.name,
+                "version": e.version,
+                "key": e.key,
+                "payload": e.payload,
+                "headers": e.headers,
+                "recorded_at": e.recorded_at,
+            }
+            for e in events
+        ]
+        token, expires = lease if lease is not None else (None, None)
+        delivery_rows = [
+            {
+                "event_id": d.event_id,
+                "handler": d.handler,
+                "key": d.key,
+                "status": PENDING,
+                "attempts": 1 if mine else 0,
+                "due_at": at,
+                "lease_token": token if mine else None,
+                "lease_expires": expires if mine else None,
+                "created_at": at,
+            }
+            for d, mine in zip(deliveries, leased, strict=True)
+        ]
+        d = self.deliveries
+        statement = insert(d).returning(d.c.id, d.c.event_id, d.c.handler)
+        if postgres:  # one round trip: the events' insert rides along as a CTE
+            written = insert(self.events).values(event_rows).cte("recorded_events")
+            returned = await connection.execute(statement.values(delivery_rows).add_cte(written))
+        else:
+            await connection.execute(insert(self.events), event_rows)
+            returned = await connection.execute(statement, delivery_rows)
+        ids = {(event_id, handler): row_id for row_id, event_id, handler in returned}
+        return [
+            (index, ids[delivery.event_id, delivery.handler])
+            for index, (delivery, mine) in enumerate(zip(deliveries, leased, strict=True))
+            if mine
+        ]
+
+    async def _blocked(
+        self, connection: AsyncConnection, keys: Sequence[str]
+    ) -> set[tuple[str, str]]:
+        if not keys:
+            return set()
+        d = self.deliveries
+        rows = await connection.execute(
+            select(d.c.handler, d.c.key)
+            .where(d.c.key.in_(keys), d.c.status.in_(UNFINISHED))
+            .distinct()
+        )
+        return {(handler, key) for handler, key in rows}
+
+    @staticmethod
+    def _leasable(
+        deliveries: Sequence[NewDelivery],
+        blocked: set[tuple[str, str]],
+        lease: tuple[uuid.UUID, datetime] | None,
+    ) -> list[bool]:
+        leased = []
+        for d in deliveries:
+            if lease is None:
+                leased.append(False)
+            elif d.key is None:
+                leased.append(True)
+            else:  # the first of its handler and key in this transaction, and none before
+                leased.append((d.handler, d.key) not in blocked)
+                blocked.add((d.handler, d.key))
+        return leased
+
+    # -- a relay's work ---------------------------------------------------------------------
+
+    async def claim(
+        self,
+        connection: AsyncConnection,
+        handlers: Iterable[str],
+        token: uuid.UUID,
+        lease: float,
+        limit: int,
+    ) -> list[Claimed]:
+        """Lease up to ``limit`` due deliveries of ``handlers``, oldest first."""
+        at = now()
+        parameters = {
+            "handlers": list(handlers),
+            "now": at,
+            "limit": limit,
+            "token": token,
+            "expires": at + timedelta(seconds=lease),
+        }
+        e = self.events
+        rows = (await connection.execute(self._claim, parameters)).all()
+        if not rows:
+            return []
+        found = await connection.execute(
+            select(e).where(e.c.id.in_({row.event_id for row in rows}))
+        )
+        by_id = {event.id: event for event in found}
+        claimed = [
+            Claimed(
+                id=row.id,
+                handler=row.handler,
+                attempt=row.attempts,
+                event_id=row.event_id,
+                event_name=by_id[row.event_id].name,
+                event_version=by_id[row.event_id].version,
+                key=row.key,
+                payload=by_id[row.event_id].payload,
+                headers=by_id[row.event_id].headers,
+                recorded_at=by_id[row.event_id].recorded_at,
+            )
+            for row in rows
+        ]
+        claimed.sort(key=lambda c: c.id)
+        return claimed
+
+    async def complete(
+        self, connection: AsyncConnection, ids: Sequence[int], token: uuid.UUID, *, keep: bool
+    ) -> int:
+        """Mark ``ids`` completed (or delete them); return how many this token still held."""
+        d = self.deliveries
+        held = and_(d.c.id.in_(ids), d.c.lease_token == token)
+        if keep:
+            statement: Any = update(d).where(held).values(_finished(COMPLETED, now()))
+        else:
+            statement = delete(d).where(held)
+        return (await connection.execute(statement)).rowcount
+
+    async def fail(
+        self, connection: AsyncConnection, failures: Sequence[Failure], token: uuid.UUID
+    ) -> int:
+        d = self.deliveries
+        at = now()
+        rows = [
+            {
+                "delivery_id": f.id,
+                "new_status": DEAD if f.dead else PENDING,
+                "new_due_at": f.due_at,
+                "finished": at if f.dead else None,
+                "error_type": _error_type(f.error),
+                "error_message": str(f.error),
+                "error_traceback": traceback_text(f.error),
+            }
+            for f in failures
+        ]
+        statement = (
+            update(d)
+            .where(d.c.id == bindparam("delivery_id"), d.c.lease_token == token)
+            .values(
+                status=bindparam("new_status"),
+                due_at=bindparam("new_due_at"),
+                finished_at=bindparam("finished"),
+                lease_token=None,
+                lease_expires=None,
+                error_type=bindparam("error_type"),
+                error_message=bindparam("error_message"),
+                error_traceback=bindparam("error_traceback"),
+            )
+        )
+        return (await connection.execute(statement, rows)).rowcount
+
+    async def renew(
+        self, connection: AsyncConnection, ids: Sequence[int], token: uuid.UUID, lease: float
+    ) -> int:
+        d = self.deliveries
+        result = await connection.execute(
+            update(d)
+            .where(d.c.id.in_(ids), d.c.lease_token == token)
+            .values(lease_expires=now() + timedelta(seconds=lease))
+        )
+        return result.rowcount
+
+    async def release(
+        self, connection: AsyncConnection, ids: Sequence[int], token: uuid.UUID
+    ) -> int:
+        """Give back leased deliveries that did not run: due now, the attempt not counted."""
+        d = self.deliveries
+        result = await connection.execute(
+            update(d)
+            .where(d.c.id.in_(ids), d.c.lease_token == token)
+            .values(lease_token=None, lease_expires=None, attempts=d.c.attempts - 1)
+        )
+        return result.rowcount
+
+    async def notify(self, connection: AsyncConnection) -> None:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(select(func.pg_notify(self.channel, "")))
+
+    # -- operators ------------------------------------------------------------------------
+
+    async def resubmit(self, connection: AsyncConnection, ids: Sequence[int]) -> int:
+        d = self.deliveries
+        result = await connection.execute(
+            update(d)
+            .where(d.c.id.in_(ids), d.c.status == DEAD)
+            .values(status=PENDING, attempts=0, due_at=now(), finished_at=None)
+        )
+        await self.notify(connection)
+        return result.rowcount
+
+    async def discard(self, connection: AsyncConnection, ids: Sequence[int]) -> int:
+        d = self.deliveries
+        # A leased delivery is running: it is left to finish (and counted as not discarded).
+        not_running = or_(d.c.lease_expires.is_(None), d.c.lease_expires < now())
+        result = await connection.execute(
+            update(d)
+            .where(d.c.id.in_(ids), d.c.status.in_(UNFINISHED), not_running)
+            .values(_finished(DISCARDED, now()))
+        )
+        return result.rowcount
+
+    async def purge(self, connection: AsyncConnection, before: datetime) -> int:
+        """Delete finished deliveries older than ``before``, then events with none left."""
+        d, e = self.deliveries, self.events
+        old = await connection.execute(
+            delete(d).where(d.c.status.in_((COMPLETED, DISCARDED)), d.c.finished_at < before)
+        )
+        orphan = ~exists().where(d.c.event_id == e.c.id)
+        await connection.execute(delete(e).where(e.c.recorded_at < before, orphan))
+        return old.rowcount
+
+    async def first_time(
+        self, connection: AsyncConnection, handler: str, event_id: uuid.UUID
+    ) -> bool:
+        """Write (handler, event id) to the inbox; False if it is there already."""
+        i = self.inbox
+        values = {"handler": handler, "event_id": event_id, "processed_at": now()}
+        if connection.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
+        statement = dialect_insert(i).values(values).on_conflict_do_nothing()
+        return bool((await connection.execute(statement)).rowcount)
+
+
+def _claim_statement(d: Table) -> Any:
+    earlier = d.alias("earlier")
+    held_back = exists().where(
+        earlier.c.handler == d.c.handler,
+        earlier.c.key == d.c.key,
+        earlier.c.id < d.c.id,
+        earlier.c.status.in_(UNFINISHED),
+    )
+    due = (
+        select(d.c.id)
+        .where(
+            d.c.status == PENDING,
+            d.c.handler.in_(bindparam("handlers", expanding=True)),
+            d.c.due_at <= bindparam("now"),
+            or_(d.c.lease_expires.is_(None), d.c.lease_expires < bindparam("now")),
+            or_(d.c.key.is_(None), ~held_back),
+        )
+        .order_by(d.c.id)
+        .limit(bindparam("limit"))
+        # SQLite has no row locks and ignores this: one writer at a time there.
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        update(d)
+        .where(d.c.id.in_(due.scalar_subquery()))
+        .values(
+            attempts=d.c.attempts + 1,
+            lease_token=bindparam("token"),
+            lease_expires=bindparam("expires"),
+        )
+        .returning(d.c.id, d.c.handler, d.c.attempts, d.c.event_id, d.c.key)
+    )
+
+
+def _finished(status: str, at: datetime) -> dict[str, Any]:
+    return {"status": status, "finished_at": at, "lease_token": None, "lease_expires": None}
+
+
+def _error_type(error: BaseException) -> str:
+    kind = type(error)
+    return f"{kind.__module__}.{kind.__qualname__}"
