@@ -15,9 +15,10 @@ import functools
 import inspect
 import sys
 import types
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from contextvars import copy_context
+from types import MappingProxyType
 from typing import Any, Self, TypeVar
 
 import anyio
@@ -113,6 +114,7 @@ class EventBus(HandlerDecorators):
         self._owner: int | None = None  # the task that entered `async with bus:`
         self._registry = Registry()
         self._routes = self._registry.routes
+        self._durable: tuple[int, Mapping[str, Subscription]] = (-1, MappingProxyType({}))
         self._limiter = anyio.CapacityLimiter(max_concurrency) if max_concurrency else None
         self._hooks: list[Hook] = [_checked_hook(hook) for hook in _hook_list(hooks)]
         self._taps: list[Callable[[object], None]] = []
@@ -211,9 +213,14 @@ class EventBus(HandlerDecorators):
         return self._registry.all()
 
     @property
-    def durable_handlers(self) -> dict[str, Subscription]:
+    def durable_handlers(self) -> Mapping[str, Subscription]:
         """The durable subscriptions, by the name their stored deliveries are addressed to."""
-        return {sub.name: sub for sub in self._registry.all() if sub.durable is not None}
+        version, durable = self._durable
+        if version != self._registry.version:  # a relay reads this once per delivery
+            subs = self._registry.all()
+            durable = MappingProxyType({sub.name: sub for sub in subs if sub.durable is not None})
+            self._durable = (self._registry.version, durable)
+        return durable
 
     def handlers_for(self, event_type: type) -> tuple[Subscription, ...]:
         """The subscriptions an event of ``event_type`` is dispatched to, in start order."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import re
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -136,7 +137,7 @@ class Outbox:
             lease, poll_interval, concurrency, batch_size, keep_completed, drain_timeout
         )
         self._local: dict[EventBus, Relay] = {}  # the relay each running bus runs
-        self._attached: set[int] = set()
+        self._attached: weakref.WeakSet[EventBus] = weakref.WeakSet()
         self._registered: set[type] = set()
 
     def __repr__(self) -> str:
@@ -180,9 +181,9 @@ class Outbox:
 
     def _attach(self, bus: EventBus) -> None:
         """Run a relay for ``bus`` whenever it runs, and hand it what its process commits."""
-        if id(bus) in self._attached:
+        if bus in self._attached:
             return
-        self._attached.add(id(bus))
+        self._attached.add(bus)
 
         def local_relay() -> Relay:
             relay = Relay(

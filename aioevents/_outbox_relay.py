@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._bus import EventBus
 from ._codec import Codec, EventDecodeError
-from ._dispatch import run_in_context
+from ._dispatch import record_stray_cancellation, run_in_context
 from ._exceptions import BusStateError
 from ._outbox_store import Claimed, Failure, Store, now
 from ._result import HandlerError
@@ -177,10 +177,10 @@ class Relay:
             with anyio.CancelScope(shield=True):
                 await self._stop()
         finally:
-            # Outside the shield, which was entered after the group: scopes nest.
-            await self._group.__aexit__(None, None, None)
             if self._on_close is not None:
                 self._on_close(self)
+            # Outside the shield, which was entered after the group: scopes nest.
+            await self._group.__aexit__(None, None, None)
 
     async def _stop(self) -> None:
         self._accepting = False
@@ -212,7 +212,7 @@ class Relay:
                 services.start_soon(self._listen_loop)
                 services.start_soon(self._purge_loop)
 
-    def _handlers(self) -> dict[str, Subscription]:
+    def _handlers(self) -> Mapping[str, Subscription]:
         return self.bus.durable_handlers
 
     # -- claiming --------------------------------------------------------------------------
@@ -295,8 +295,13 @@ class Relay:
         context.run(_current.set, delivery)
         try:
             await run_in_context(context, self.bus._guarded(sub, event, errors))
-        except BaseException:
-            # Cancelled while it ran (the relay stopping), or a KeyboardInterrupt: it runs again.
+        except anyio.get_cancelled_exc_class() as exc:
+            if self._accepting:  # not the relay stopping: the handler's own doing, a failure
+                record_stray_cancellation(sub, event, exc, errors)
+            else:  # cut short by the drain timeout: given back, to run again elsewhere
+                self._released.append(delivery.id)
+                raise
+        except BaseException:  # KeyboardInterrupt and the like: given back, and raised
             self._released.append(delivery.id)
             raise
         finally:

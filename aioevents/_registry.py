@@ -81,6 +81,7 @@ class Registry:
         self._muted: set[Subscription] = set()
         self.observed = False
         self.batching = False
+        self.version = 0  # counts changes of who is subscribed: caches of it compare this
         # Read directly by the bus's hot path; changed in place so that reference stays valid.
         self.routes: dict[type, Route] = {}
         # For each class, the cached concrete types whose MRO holds it: a change to the
@@ -92,6 +93,7 @@ class Registry:
         return next(self._order)
 
     def add(self, sub: Subscription) -> None:
+        self.version += 1
         self._by_type.setdefault(sub.event_type, []).append(sub)
         self._invalidate(sub.event_type)
 
@@ -100,6 +102,7 @@ class Registry:
         if sub not in subs:
             return False
         subs.remove(sub)
+        self.version += 1
         if not subs:
             del self._by_type[sub.event_type]
         self._muted.discard(sub)
