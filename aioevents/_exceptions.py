@@ -8,6 +8,8 @@ Every error the library raises on its own account derives from `AioEventsError`:
      ├── HandlerCancelledError
      ├── QueueFullError
      ├── SubscriptionError
+     ├── aioevents.outbox.EventDecodeError
+     ├── aioevents.outbox.NotInDeliveryError
      └── aioevents.sqlalchemy.NoTransactionError
 
 Bad input types are refused with a plain `TypeError`; failures *inside* handlers are never

@@ -38,8 +38,11 @@ reported in that result; it never undoes the commit, which has already happened.
 Delivery is in memory, hence **at most once**: if the process dies (or the committing task
 is cancelled) between COMMIT and emit, the committed events are never delivered, and nothing
 records that they were not. A cancelled delivery marks the remaining events
-`Outcome.UNDELIVERED` and logs them; a dead process cannot. The durable transactional outbox
-(events written in the same transaction, delivered at least once by a relay) is a later step.
+`Outcome.UNDELIVERED` and logs them; a dead process cannot. Handlers that must not miss an
+event are subscribed ``durable=True`` and the events recorded with an outbox
+(``TransactionalEvents(bus, outbox=Outbox(engine))``, see `aioevents.outbox`): the event and
+their deliveries are then written in the transaction itself, just before COMMIT, and run at
+least once by a relay.
 
 Handlers after commit run when the session's transaction is over: they must not use the
 emitting session's connection, and events should carry plain values (ids), not ORM
