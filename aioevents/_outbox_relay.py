@@ -145,9 +145,15 @@ class Relay:
 
     def has_room(self) -> bool:
         """Whether deliveries leased at COMMIT may be handed to this relay."""
-        settings = self._settings
-        limit = settings.concurrency + settings.batch_size
-        return self._accepting and len(self._queue) + len(self._running) < limit
+        return self._accepting and self._held() < self._capacity()
+
+    def _held(self) -> int:
+        return len(self._queue) + len(self._running)
+
+    def _capacity(self) -> int:
+        # Two batches besides the running handlers: the next claim overlaps the work on the
+        # last one, so workers never wait for a round trip while deliveries are due.
+        return self._settings.concurrency + 2 * self._settings.batch_size
 
     def take(self, jobs: Sequence[Job]) -> bool:
         """Queue deliveries its committer leased to this relay; False once it stops."""
@@ -220,11 +226,12 @@ class Relay:
     async def _fetch_loop(self) -> None:
         settings = self._settings
         while True:
-            room = settings.concurrency + settings.batch_size
-            room -= len(self._queue) + len(self._running)
-            claimed = await self._claim(min(room, settings.batch_size)) if room > 0 else -1
-            if claimed == settings.batch_size:
-                continue  # more may be due at once
+            room = self._capacity() - self._held()
+            # A whole batch at a time while work is in hand: fewer, fuller round trips.
+            if room >= settings.batch_size or (room > 0 and not self._held()):
+                limit = min(room, settings.batch_size)
+                if await self._claim(limit) == limit:
+                    continue  # more may be due at once
             self._fetch_wanted.clear()
             with anyio.move_on_after(settings.poll_interval):
                 await self._fetch_wanted.wait()

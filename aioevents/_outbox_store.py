@@ -51,6 +51,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy import event as sa_event
@@ -168,9 +169,10 @@ def _tables(metadata: MetaData, prefix: str, schema: str | None) -> tuple[Table,
     )
     pending = deliveries.c.status == PENDING
     unfinished = deliveries.c.status.in_(UNFINISHED)
+    # Claims scan pending deliveries in id order: this index holds only those, so completed
+    # rows kept for days cost a claim nothing.
     Index(
-        f"{prefix}deliveries_due",
-        deliveries.c.due_at,
+        f"{prefix}deliveries_pending",
         deliveries.c.id,
         postgresql_where=pending,
         sqlite_where=pending,
@@ -233,6 +235,7 @@ class Store:
         self.events, self.deliveries, self.inbox = _tables(self.metadata, prefix, schema)
         self.channel = f"{prefix}deliveries"  # PostgreSQL NOTIFY channel
         self._claim = _claim_statement(self.deliveries)
+        self._record_sql: Any = None  # PostgreSQL's, made for its dialect's quoting
 
     # -- written in the recording transaction --------------------------------------------
 
@@ -257,7 +260,71 @@ class Store:
                 [{"lock": lock} for lock in sorted(map(key_lock_id, keys))],
             )
         leased = self._leasable(deliveries, await self._blocked(connection, keys), lease)
+        token, expires = lease if lease is not None else (None, None)
         at = now()
+        if postgres:
+            returned = await self._record_on_postgres(
+                connection, events, deliveries, leased, token, expires, at
+            )
+        else:
+            returned = await self._record_row_by_row(
+                connection, events, deliveries, leased, token, expires, at
+            )
+        ids = {(event_id, handler): row_id for row_id, event_id, handler in returned}
+        return [
+            (index, ids[delivery.event_id, delivery.handler])
+            for index, (delivery, mine) in enumerate(zip(deliveries, leased, strict=True))
+            if mine
+        ]
+
+    async def _record_on_postgres(
+        self,
+        connection: AsyncConnection,
+        events: Sequence[NewEvent],
+        deliveries: Sequence[NewDelivery],
+        leased: Sequence[bool],
+        token: uuid.UUID | None,
+        expires: datetime | None,
+        at: datetime,
+    ) -> Any:
+        """One statement, one round trip, whatever the count: the rows go as arrays (one
+        parameter per column, so no parameter limit) into a statement compiled once."""
+        if self._record_sql is None:
+            self._record_sql = text(
+                _RECORD_ON_POSTGRES.format(
+                    events=_table_name(connection, self.events),
+                    deliveries=_table_name(connection, self.deliveries),
+                )
+            )
+        parameters = {
+            "e_id": [e.id for e in events],
+            "e_name": [e.name for e in events],
+            "e_version": [e.version for e in events],
+            "e_key": [e.key for e in events],
+            "e_payload": [e.payload for e in events],
+            "e_headers": [e.headers for e in events],
+            "e_at": [e.recorded_at for e in events],
+            "d_event": [d.event_id for d in deliveries],
+            "d_handler": [d.handler for d in deliveries],
+            "d_key": [d.key for d in deliveries],
+            "d_leased": list(leased),
+            "token": token,
+            "expires": expires,
+            "at": at,
+        }
+        return await connection.execute(self._record_sql, parameters)
+
+    async def _record_row_by_row(
+        self,
+        connection: AsyncConnection,
+        events: Sequence[NewEvent],
+        deliveries: Sequence[NewDelivery],
+        leased: Sequence[bool],
+        token: uuid.UUID | None,
+        expires: datetime | None,
+        at: datetime,
+    ) -> Any:
+        """SQLite: executemany (no round trips to save in-process)."""
         event_rows = [
             {
                 "id": e.id,
@@ -270,7 +337,6 @@ class Store:
             }
             for e in events
         ]
-        token, expires = lease if lease is not None else (None, None)
         delivery_rows = [
             {
                 "event_id": d.event_id,
@@ -286,19 +352,9 @@ class Store:
             for d, mine in zip(deliveries, leased, strict=True)
         ]
         d = self.deliveries
+        await connection.execute(insert(self.events), event_rows)
         statement = insert(d).returning(d.c.id, d.c.event_id, d.c.handler)
-        if postgres:  # one round trip: the events' insert rides along as a CTE
-            written = insert(self.events).values(event_rows).cte("recorded_events")
-            returned = await connection.execute(statement.values(delivery_rows).add_cte(written))
-        else:
-            await connection.execute(insert(self.events), event_rows)
-            returned = await connection.execute(statement, delivery_rows)
-        ids = {(event_id, handler): row_id for row_id, event_id, handler in returned}
-        return [
-            (index, ids[delivery.event_id, delivery.handler])
-            for index, (delivery, mine) in enumerate(zip(deliveries, leased, strict=True))
-            if mine
-        ]
+        return await connection.execute(statement, delivery_rows)
 
     async def _blocked(
         self, connection: AsyncConnection, keys: Sequence[str]
@@ -492,6 +548,35 @@ class Store:
             from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
         statement = dialect_insert(i).values(values).on_conflict_do_nothing()
         return bool((await connection.execute(statement)).rowcount)
+
+
+# The events' insert rides along as a CTE: PostgreSQL checks the deliveries' foreign key at
+# the end of the statement, when both are in.
+_RECORD_ON_POSTGRES = """
+WITH recorded_events AS (
+    INSERT INTO {events} (id, name, version, key, payload, headers, recorded_at)
+    SELECT * FROM unnest(
+        CAST(:e_id AS uuid[]), CAST(:e_name AS varchar[]), CAST(:e_version AS integer[]),
+        CAST(:e_key AS varchar[]), CAST(:e_payload AS text[]), CAST(:e_headers AS text[]),
+        CAST(:e_at AS timestamptz[])
+    )
+)
+INSERT INTO {deliveries}
+    (event_id, handler, key, status, attempts, due_at, lease_token, lease_expires, created_at)
+SELECT
+    d.event_id, d.handler, d.key, 'pending', CASE WHEN d.leased THEN 1 ELSE 0 END,
+    CAST(:at AS timestamptz), CASE WHEN d.leased THEN CAST(:token AS uuid) END,
+    CASE WHEN d.leased THEN CAST(:expires AS timestamptz) END, CAST(:at AS timestamptz)
+FROM unnest(
+    CAST(:d_event AS uuid[]), CAST(:d_handler AS varchar[]), CAST(:d_key AS varchar[]),
+    CAST(:d_leased AS boolean[])
+) AS d (event_id, handler, key, leased)
+RETURNING id, event_id, handler
+"""
+
+
+def _table_name(connection: AsyncConnection, table: Table) -> str:
+    return connection.dialect.identifier_preparer.format_table(table)
 
 
 def _claim_statement(d: Table) -> Any:
