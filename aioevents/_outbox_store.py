@@ -254,11 +254,9 @@ class Store:
         """
         postgres = connection.dialect.name == "postgresql"
         keys = sorted({d.key for d in deliveries if d.key is not None})
-        if postgres and keys:  # sorted: two transactions never wait for each other's locks
-            await connection.execute(
-                select(func.pg_advisory_xact_lock(bindparam("lock"))),
-                [{"lock": lock} for lock in sorted(map(key_lock_id, keys))],
-            )
+        if postgres and keys:  # in order: two transactions never wait for each other's locks
+            locks = sorted(set(map(key_lock_id, keys)))
+            await connection.execute(_LOCK_KEYS, {"locks": locks})
         leased = self._leasable(deliveries, await self._blocked(connection, keys), lease)
         token, expires = lease if lease is not None else (None, None)
         at = now()
@@ -573,6 +571,11 @@ FROM unnest(
 ) AS d (event_id, handler, key, leased)
 RETURNING id, event_id, handler
 """
+
+
+_LOCK_KEYS = text(
+    "SELECT pg_advisory_xact_lock(lock) FROM unnest(CAST(:locks AS bigint[])) AS lock ORDER BY lock"
+)
 
 
 def _table_name(connection: AsyncConnection, table: Table) -> str:
