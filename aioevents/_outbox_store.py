@@ -235,6 +235,9 @@ class Store:
         self.events, self.deliveries, self.inbox = _tables(self.metadata, prefix, schema)
         self.channel = f"{prefix}deliveries"  # PostgreSQL NOTIFY channel
         self._claim = _claim_statement(self.deliveries)
+        self._claim_joined = self._claim.where(
+            self.deliveries.c.event_id == self.events.c.id
+        ).returning(*(self.events.c[name] for name in _EVENT_FIELDS))
         self._record_sql: Any = None  # PostgreSQL's, made for its dialect's quoting
 
     # -- written in the recording transaction --------------------------------------------
@@ -403,31 +406,38 @@ class Store:
             "token": token,
             "expires": at + timedelta(seconds=lease),
         }
-        e = self.events
-        rows = (await connection.execute(self._claim, parameters)).all()
-        if not rows:
-            return []
-        found = await connection.execute(
-            select(e).where(e.c.id.in_({row.event_id for row in rows}))
-        )
-        by_id = {event.id: event for event in found}
+        if connection.dialect.name == "postgresql":  # the events ride along: one round trip
+            rows = (await connection.execute(self._claim_joined, parameters)).all()
+        else:  # SQLite's RETURNING names only the updated table
+            rows = (await connection.execute(self._claim, parameters)).all()
+            rows = await self._with_events(connection, rows)
         claimed = [
             Claimed(
                 id=row.id,
                 handler=row.handler,
                 attempt=row.attempts,
                 event_id=row.event_id,
-                event_name=by_id[row.event_id].name,
-                event_version=by_id[row.event_id].version,
+                event_name=row.name,
+                event_version=row.version,
                 key=row.key,
-                payload=by_id[row.event_id].payload,
-                headers=by_id[row.event_id].headers,
-                recorded_at=by_id[row.event_id].recorded_at,
+                payload=row.payload,
+                headers=row.headers,
+                recorded_at=row.recorded_at,
             )
             for row in rows
         ]
         claimed.sort(key=lambda c: c.id)
         return claimed
+
+    async def _with_events(self, connection: AsyncConnection, rows: Sequence[Any]) -> list[Any]:
+        if not rows:
+            return []
+        e = self.events
+        found = await connection.execute(
+            select(e).where(e.c.id.in_({row.event_id for row in rows}))
+        )
+        by_id = {event.id: event for event in found}
+        return [_Joined(row, by_id[row.event_id]) for row in rows]
 
     async def complete(
         self, connection: AsyncConnection, ids: Sequence[int], token: uuid.UUID, *, keep: bool
@@ -614,6 +624,21 @@ def _claim_statement(d: Table) -> Any:
         )
         .returning(d.c.id, d.c.handler, d.c.attempts, d.c.event_id, d.c.key)
     )
+
+
+_EVENT_FIELDS = ("name", "version", "payload", "headers", "recorded_at")
+
+
+class _Joined:
+    """A claimed delivery row with its event's fields, as PostgreSQL's joined claim returns."""
+
+    __slots__ = ("event", "row")
+
+    def __init__(self, row: Any, event: Any) -> None:
+        self.row, self.event = row, event
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.event if name in _EVENT_FIELDS else self.row, name)
 
 
 def _finished(status: str, at: datetime) -> dict[str, Any]:
