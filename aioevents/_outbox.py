@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
+import time
 import uuid
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -232,6 +233,7 @@ class Outbox:
         bus = stored[0].bus
         relay = self._local.get(bus)
         lease = None
+        deadline = time.monotonic() + self._settings.lease  # taken first: a lower bound
         if relay is not None and relay.has_room():
             lease = (relay.token, now() + timedelta(seconds=self._settings.lease))
         deliveries = [
@@ -244,7 +246,7 @@ class Outbox:
         )
         if relay is None or not leased:
             return None
-        return Handover(relay, _jobs(stored, deliveries, leased), self._store)
+        return Handover(relay, _jobs(stored, deliveries, leased, deadline), self._store)
 
     # -- operators --------------------------------------------------------------------------
 
@@ -336,6 +338,7 @@ def _jobs(
     stored: Sequence[StoredEvent],
     deliveries: Sequence[NewDelivery],
     leased: Sequence[tuple[int, int]],
+    deadline: float,
 ) -> list[Job]:
     """The leased deliveries as jobs holding the recorded objects themselves (no decoding)."""
     by_id = {item.row.id: item for item in stored}
@@ -353,7 +356,7 @@ def _jobs(
             headers=item.headers,
             recorded_at=item.row.recorded_at,
         )
-        jobs.append(Job(running, event=item.event))
+        jobs.append(Job(running, deadline, event=item.event))
     return jobs
 
 

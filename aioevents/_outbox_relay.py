@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -91,6 +92,9 @@ class Job:
     """One leased delivery in a relay's hands: stored (to decode) or handed over at COMMIT."""
 
     delivery: Delivery
+    # Until when (on the monotonic clock) its lease surely holds; renewals move it. A job
+    # still queued past it is not started: another relay may have claimed it meanwhile.
+    deadline: float
     event: object = None  # the recorded object itself when handed over by its committer
     stored: Claimed | None = field(default=None, repr=False)
 
@@ -240,6 +244,7 @@ class Relay:
         handlers = self._handlers()
         if not handlers:
             return 0
+        started = time.monotonic()  # the leases run from about now: a safe lower bound
         try:
             # Shielded: a claim cut short after its COMMIT would leave its leases unknown here.
             with anyio.CancelScope(shield=True):
@@ -251,7 +256,8 @@ class Relay:
             logger.warning("relay: claiming deliveries failed, retrying at the next poll: %r", exc)
             return 0
         if claimed:
-            self._queue.extend(map(_stored_job, claimed))
+            deadline = started + self._settings.lease
+            self._queue.extend(_stored_job(row, deadline) for row in claimed)
             self._job_ready.set()
         return len(claimed)
 
@@ -285,6 +291,9 @@ class Relay:
 
     async def _run(self, job: Job) -> None:
         delivery = job.delivery
+        if time.monotonic() >= job.deadline:  # not renewed in time: maybe another's by now
+            logger.warning("relay: delivery %d not started, its lease may have passed", delivery.id)
+            return
         sub = self._handlers().get(delivery.handler)
         if sub is None or sub.durable is None:  # unsubscribed since: left for another relay
             self._released.append(delivery.id)
@@ -400,15 +409,32 @@ class Relay:
         lease = self._settings.lease
         while True:
             await anyio.sleep(lease / 3)
-            held = [job.delivery.id for job in (*self._queue, *self._running.values())]
+            jobs = [*self._queue, *self._running.values()]
+            held = [job.delivery.id for job in jobs]
             held += self._completed + [failure.id for failure in self._failures]
             if not held:
                 continue
+            started = time.monotonic()
             try:
                 async with self._engine.begin() as connection:
-                    await self._store.renew(connection, held, self.token, lease)
+                    still = await self._store.renew(connection, held, self.token, lease)
             except Exception as exc:
                 logger.warning("relay: renewing %d lease(s) failed: %r", len(held), exc)
+                continue
+            for job in jobs:
+                if job.delivery.id in still:
+                    job.deadline = started + lease
+            self._drop_lost(still)
+
+    def _drop_lost(self, still: set[int]) -> None:
+        """Forget queued jobs whose lease another relay took (their owner stalled): that relay
+        runs them now. Running ones finish; their outcome is not written over the other's."""
+        lost = [job for job in self._queue if job.delivery.id not in still]
+        if lost:
+            logger.warning(
+                "relay: %d queued deliveries lost their lease; left to another", len(lost)
+            )
+            self._queue = deque(job for job in self._queue if job.delivery.id in still)
 
     async def _listen_loop(self) -> None:
         if self._engine.dialect.driver != "asyncpg":
@@ -451,7 +477,7 @@ class Relay:
             await anyio.sleep(_PURGE_EVERY)
 
 
-def _stored_job(claimed: Claimed) -> Job:
+def _stored_job(claimed: Claimed, deadline: float) -> Job:
     delivery = Delivery(
         id=claimed.id,
         event_id=claimed.event_id,
@@ -462,7 +488,7 @@ def _stored_job(claimed: Claimed) -> Job:
         headers=_LazyHeaders(claimed.headers),
         recorded_at=claimed.recorded_at,
     )
-    return Job(delivery, stored=claimed)
+    return Job(delivery, deadline, stored=claimed)
 
 
 class _LazyHeaders(Mapping[str, str]):

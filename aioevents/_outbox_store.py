@@ -482,18 +482,25 @@ class Store:
                 error_traceback=bindparam("error_traceback"),
             )
         )
-        return (await connection.execute(statement, rows)).rowcount
+        # One statement each: a driver's rowcount of an executemany is not the sum (asyncpg
+        # reports -1), and failures are few.
+        written = 0
+        for row in rows:
+            written += (await connection.execute(statement, row)).rowcount
+        return written
 
     async def renew(
         self, connection: AsyncConnection, ids: Sequence[int], token: uuid.UUID, lease: float
-    ) -> int:
+    ) -> set[int]:
+        """Extend the leases ``token`` still holds among ``ids``; return those ids."""
         d = self.deliveries
         result = await connection.execute(
             update(d)
             .where(d.c.id.in_(ids), d.c.lease_token == token)
             .values(lease_expires=now() + timedelta(seconds=lease))
+            .returning(d.c.id)
         )
-        return result.rowcount
+        return set(result.scalars())
 
     async def release(
         self, connection: AsyncConnection, ids: Sequence[int], token: uuid.UUID

@@ -367,11 +367,6 @@ class DoomedCharge:
     number: int
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Store.fail returns the rowcount of an executemany, which asyncpg reports as -1: "
-    "two or more failures written together are logged as outcomes whose lease had passed",
-)
 @pytest.mark.asyncio
 async def test_failures_written_together_are_not_reported_as_lost_leases(
     app: RelayApp, caplog: pytest.LogCaptureFixture
