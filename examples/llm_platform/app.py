@@ -1,7 +1,14 @@
-"""Assembling the platform: engine, cache, bus with its handlers, services.
+"""Assembling the platform: engine, cache, bus with its handlers, outbox, services.
 
-`build_bus` is the one place handlers are wired; `open_platform` is what the demo, the web
-app and the tests start from.
+`build_bus` is the one place handlers are wired; `wire_platform` puts everything together
+without opening or creating anything (what a worker process imports, see `worker`);
+`open_platform` is what the demo, the web app and the tests start from.
+
+The durable handlers' events go through an `aioevents.outbox.Outbox` on the platform's own
+database: its tables are created with the platform's, and the bus must run
+(``async with platform.bus:``) for this process's relay to deliver them. A process that
+records without running its bus leaves its deliveries to the relays of other processes
+(``python -m aioevents relay examples.llm_platform.worker:bus``).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioevents import EventBus, Hook
+from aioevents.outbox import Outbox
 from aioevents.sqlalchemy import TransactionalEvents
 
 from . import handlers
@@ -23,18 +31,17 @@ from .deps import Deps
 from .services import Services
 from .throttling import PlatformThrottle, open_throttle
 
+LEASE = 30.0
+"""Seconds a relay holds a delivery without renewing it: how long the deliveries of a process
+that died wait before another process runs them."""
 
-def build_bus(deps: Deps, *, hooks: Iterable[Hook] = (), running: bool = False) -> EventBus:
-    """The bus with every handler of the platform subscribed.
 
-    ``running``: the bus will run (``async with bus:``), as in the web app. Message-was-created
-    then goes to the batch variant of the provider update, which sums each provider's quota
-    and writes it once per batch; a bus that only emits (the demo, scripts, most tests) cannot
-    collect batches and gets the per-message variant. Never both: each would charge.
-    """
+def build_bus(deps: Deps, *, hooks: Iterable[Hook] = (), indexing_pause: float = 0.0) -> EventBus:
+    """The bus with every handler of the platform subscribed (``indexing_pause``: see
+    `handlers.create_document_index.CreateDocumentIndex`)."""
     bus = EventBus(hooks=hooks)
-    bus.include(handlers.router(deps))
-    bus.include(handlers.provider_usage_router(deps, batched=running))
+    bus.include(handlers.router(deps, indexing_pause=indexing_pause))
+    bus.include(handlers.provider_usage_router(deps))
     return bus
 
 
@@ -44,7 +51,25 @@ class Platform:
     sessions: SessionFactory
     cache: Cache
     bus: EventBus
+    outbox: Outbox
     services: Services
+
+
+def wire_platform(
+    engine: AsyncEngine,
+    cache: Cache,
+    throttle: PlatformThrottle,
+    *,
+    hooks: Iterable[Hook] = (),
+    lease: float = LEASE,
+    indexing_pause: float = 0.0,
+) -> Platform:
+    """Everything wired on ``engine``; nothing opened, created or started."""
+    sessions = session_factory(engine)
+    bus = build_bus(Deps(sessions, cache, throttle), hooks=hooks, indexing_pause=indexing_pause)
+    outbox = Outbox(engine, lease=lease)
+    events = TransactionalEvents(bus, outbox=outbox)
+    return Platform(engine, sessions, cache, bus, outbox, Services(sessions, events))
 
 
 @asynccontextmanager
@@ -54,17 +79,21 @@ async def open_platform(
     *,
     throttle: PlatformThrottle | None = None,
     hooks: Iterable[Hook] = (),
-    running: bool = False,
+    lease: float = LEASE,
 ) -> AsyncIterator[Platform]:
-    """Create the schema and wire everything on ``engine``; close the cache, throttle (in
-    memory unless given) and engine after. ``running``: see `build_bus`."""
+    """Create the platform's and the outbox's tables and wire everything on ``engine``;
+    close the cache, throttle (in memory unless given) and engine after.
+
+    The bus is not started here: run it with ``async with platform.bus:`` inside the block
+    (its relay must stop before the engine is disposed).
+    """
     if throttle is None:
         throttle = PlatformThrottle.memory()
     try:
         await create_schema(engine)
-        sessions = session_factory(engine)
-        bus = build_bus(Deps(sessions, cache, throttle), hooks=hooks, running=running)
-        yield Platform(engine, sessions, cache, bus, Services(sessions, TransactionalEvents(bus)))
+        platform = wire_platform(engine, cache, throttle, hooks=hooks, lease=lease)
+        await platform.outbox.create_tables()
+        yield platform
     finally:
         await cache.aclose()
         await throttle.aclose()

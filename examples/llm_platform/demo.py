@@ -2,7 +2,13 @@
 
 Per event it prints which handlers ran, how long each took and what each changed (rows
 created, updated and deleted as the database counted them; cache keys deleted), then a table
-per handler. The exit status is 1 if any handler failed.
+per handler, then the outbox's deliveries of the durable handlers (handler, event, key,
+status, attempts). The bus runs, so its relay delivers them at once after each COMMIT; each
+step waits for them before it is printed. The exit status is 1 if any handler failed or a
+delivery was not completed.
+
+``--crash`` instead runs `examples.llm_platform.crash`: a worker process killed in the middle
+of durable work, and a survivor that finishes it.
 """
 
 from __future__ import annotations
@@ -10,47 +16,28 @@ from __future__ import annotations
 import argparse
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import anyio
 
 from aioevents import event_name
+from aioevents.outbox import DeliveryRecord, DeliveryStatus, Outbox
 from aioevents.testing import CapturedEvents, capture
 
 from .app import Platform, engine_and_cache_from_env, open_platform, throttle_from_env
 from .changes import ChangeRecorder, HandlerRun, count_rows
+from .crash import run_crash_demo
+from .deliveries import settled, stored_deliveries
+from .formatting import deliveries_table, describe, plural, short_name
 from .scenario import run_scenario
 from .uow import Done
 
+__all__ = ["Report", "describe", "main", "plural", "run", "run_demo", "short_name"]
+
 T = TypeVar("T")
-
-
-HANDLERS_PACKAGE = "examples.llm_platform.handlers."
-
-
-def short_name(handler: str) -> str:
-    """A platform handler's module name, the name the original gave the handler; another
-    handler's (one a test adds) own name."""
-    if handler.startswith(HANDLERS_PACKAGE):
-        return handler.removeprefix(HANDLERS_PACKAGE).split(".", 1)[0]
-    return handler.rsplit(".", 1)[-1]
-
-
-def plural(count: int, noun: str) -> str:
-    """``1 event``, ``2 events``."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
-def counted(count: int, kind: str) -> str:
-    """A change counted: ``kind`` is a plural noun and a verb, ``rows created``."""
-    noun, verb = kind.rsplit(" ", 1)
-    return f"{plural(count, noun.removesuffix('s'))} {verb}"
-
-
-def describe(changes: dict[str, int]) -> str:
-    return ", ".join(counted(count, kind) for kind, count in changes.items()) or "no change"
 
 
 @dataclass
@@ -59,6 +46,7 @@ class Report:
 
     recorder: ChangeRecorder
     events: CapturedEvents
+    outbox: Outbox
     # Handler name -> its place among the bus's subscriptions. An event's handlers run
     # concurrently and finish in any order: they are listed in this one, the same every run.
     order: dict[str, int] = field(default_factory=dict)
@@ -69,11 +57,15 @@ class Report:
 
     async def step(self, title: str, call: Awaitable[Done[T]]) -> T:
         done = await call
+        # The durable handlers run on the relay after the COMMIT, concurrently: their runs
+        # belong to this step too.
+        await settled(self.outbox)
         emitted = self.events[self._seen_events :]
         print(f"> {title}" + ("" if emitted else ": no event"))
         runs = self.recorder.runs[self._seen_runs :]
         for event in emitted:
-            self._print_event(event, [run for run in runs if run.event is event])
+            # Equal, not identical: a delivery run again is decoded from the outbox.
+            self._print_event(event, [run for run in runs if run.event == event])
         self._seen_runs, self._seen_events = len(self.recorder.runs), len(self.events)
         return done.value
 
@@ -100,7 +92,7 @@ class Report:
         totals.update(run.changes)
         self.failures += run.error is not None
 
-    def print_summary(self) -> None:
+    def print_summary(self, deliveries: Sequence[DeliveryRecord]) -> None:
         columns = {"runs": "runs", "failed": "failed", "rows created": "created",
                    "rows updated": "updated", "rows deleted": "deleted",
                    "cache keys deleted": "cache del"}  # fmt: skip
@@ -109,6 +101,8 @@ class Report:
         for handler, totals in sorted(self._totals.items()):
             cells = " ".join(f"{totals[column]:>9}" for column in columns)
             print(f"{handler:<60} {cells} {totals['us'] / 1000:>8.1f}")
+        print("\ndurable deliveries, as the outbox stores them:")
+        print("\n".join(deliveries_table(deliveries)))
         runs = sum(totals["runs"] for totals in self._totals.values())
         events = plural(len(self.events), "event")
         print(f"\n{events}, {plural(runs, 'handler run')}, {self.failures} failed")
@@ -123,20 +117,31 @@ def subscription_order(platform: Platform) -> dict[str, int]:
 
 
 async def run_demo(platform: Platform, recorder: ChangeRecorder) -> int:
+    """Run the scenario on ``platform``, whose bus runs, and print the report."""
+    started = datetime.now(UTC)
     with capture(platform.bus) as events:
-        report = Report(recorder, events, subscription_order(platform))
+        report = Report(recorder, events, platform.outbox, subscription_order(platform))
         await run_scenario(platform.services, report.step, platform.cache.set)
-    report.print_summary()
-    return 1 if report.failures else 0
+    deliveries = await stored_deliveries(platform.outbox, since=started)
+    report.print_summary(deliveries)
+    undone = [d for d in deliveries if d.status is not DeliveryStatus.COMPLETED]
+    return 1 if report.failures or undone else 0
 
 
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.llm_platform", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show the handlers' logs")
+    parser.add_argument(
+        "--crash",
+        action="store_true",
+        help="kill a worker process in the middle of durable work; a survivor finishes it",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.ERROR, format="    | %(name)s: %(message)s"
     )
+    if args.crash:
+        return await run_crash_demo(verbose=args.verbose)
     engine, cache = engine_and_cache_from_env()
     database = engine.url.render_as_string(hide_password=True)
     print(f"database: {database}; cache: {type(cache).__name__}")
@@ -144,11 +149,12 @@ async def main(argv: list[str] | None = None) -> int:
     recorder = ChangeRecorder()
     throttle = throttle_from_env()
     async with open_platform(engine, cache, throttle=throttle, hooks=[recorder]) as platform:
-        print(
-            "handlers: "
-            + ", ".join(sorted({short_name(sub.name) for sub in platform.bus.subscriptions}))
-        )
-        return await run_demo(platform, recorder)
+        subscriptions = platform.bus.subscriptions
+        print("handlers: " + ", ".join(sorted({short_name(sub.name) for sub in subscriptions})))
+        durable = sorted(short_name(name) for name in platform.bus.durable_handlers)
+        print("durable, through the outbox: " + ", ".join(durable))
+        async with platform.bus:  # runs the relay that delivers to the durable handlers
+            return await run_demo(platform, recorder)
 
 
 def run(argv: list[str] | None = None) -> Any:

@@ -4,6 +4,12 @@ Delivery is `aioevents.sqlalchemy.TransactionalEvents`: events recorded on the s
 emitted once the COMMIT has returned (inside ``commit()``, after the connection is back in
 the pool), and discarded if the transaction rolls back. A handler therefore never sees a row
 that might still roll back, and a refused call emits nothing.
+
+Durable handlers are the exception: an event they handle is written to the outbox in the
+transaction itself, with a delivery per durable handler, so the COMMIT that keeps the
+call's rows keeps their work too. They run after the COMMIT as well, but on a relay (this
+process's, at once, when its bus runs), concurrently with the rest of the call: ``commit()``
+does not wait for them, and `Done.reports` does not include them.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Done(Generic[T]):
-    """A service call's value and the reports of the events it emitted after committing."""
+    """A service call's value and the reports of the events it emitted after committing
+    (of their handlers run in memory; durable ones are delivered through the outbox)."""
 
     value: T
     reports: tuple[EmitResult, ...]
@@ -60,7 +67,9 @@ class UnitOfWork:
     ) -> None:
         async with self.session:  # closing it rolls back a transaction still open
             if exc is None:
-                await self.session.commit()  # returns once the recorded events are emitted
+                # Returns once the recorded events are emitted to their in-memory handlers,
+                # and their durable deliveries are committed and handed to the relay.
+                await self.session.commit()
 
     def done(self, value: T) -> Done[T]:
         reports = tuple(recorded.result for recorded in self._recorded if recorded.result)

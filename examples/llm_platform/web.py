@@ -12,16 +12,21 @@ own included, has one body shape::
 input itself is never echoed back. Each write answers with the reports of the events it
 emitted, so a failed handler is visible to the caller.
 
-The lifespan runs the bus (``async with bus:``), and leaving it drains what is queued. What
-is delivered in the background, and what is awaited:
+The lifespan runs the bus (``async with bus:``), and with it this process's outbox relay;
+leaving it drains what is queued and gives back the deliveries not yet started. What is
+awaited, and what is not:
 
-- message-was-created (``POST /apps/{id}/messages``) is published in the background: its
-  handler only books quota and ``last_used``, which the chat user never reads back, so the
-  answer does not wait for it; on a running bus that handler is the batch variant, which
-  writes each provider's quota once per batch instead of once per message.
-- every other event is awaited after its commit, because the caller reads its handlers'
+- the durable handlers (`handlers.DURABLE`) are not awaited: they run on the relay right
+  after the COMMIT, while the answer goes out: indexing new documents, cleaning up after a
+  deleted document or dataset, charging a message to its provider. Their events are written
+  to the outbox in the call's own transaction, so their work is done at least once even if
+  this process dies right after the COMMIT (another process's relay, or this one restarted,
+  runs it once its lease has run out). A caller follows the work where it shows: a
+  document's ``indexing_status`` goes from ``waiting`` to ``completed``. Their failures are
+  retried, not reported in the response.
+- every other event's handlers are awaited after its commit, because the caller reads their
   work in the very next request (the app's site and installation, dataset joins, triggers
-  and schedule, indexed documents, cleaned-up rows) and the response reports their failures.
+  and schedule) and the response reports their failures.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ MAX_BODY_BYTES = 1024 * 1024
 
 def open_from_env() -> AbstractAsyncContextManager[Platform]:
     engine, cache = engine_and_cache_from_env()
-    return open_platform(engine, cache, throttle=throttle_from_env(), running=True)
+    return open_platform(engine, cache, throttle=throttle_from_env())
 
 
 def create_web_app(

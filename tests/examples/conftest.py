@@ -2,6 +2,10 @@
 
 The PostgreSQL platform lives in a schema of its own (dropped afterwards) and its Redis keys
 under a prefix of their own: other tests share the same database and server.
+
+The harness's bus runs, as in the web app, in a task of its own: its relay delivers the
+durable handlers' events right after each COMMIT, concurrently with the test. A test that
+reads their work first waits for their deliveries (`Harness.deliveries_done`).
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,10 +25,12 @@ from redis.asyncio import Redis
 from sqlalchemy import select, text
 
 from aioevents import EventBus
+from aioevents.outbox import Outbox
 from examples.llm_platform.app import Platform, open_platform
 from examples.llm_platform.cache import Cache, MemoryCache, RedisCache
 from examples.llm_platform.changes import ChangeRecorder, count_rows
 from examples.llm_platform.db import create_engine
+from examples.llm_platform.deliveries import settled
 from examples.llm_platform.models import Row
 from examples.llm_platform.services import Services
 from examples.llm_platform.throttling import PlatformThrottle
@@ -58,23 +64,55 @@ class Harness:
     def cache(self) -> Cache:
         return self.platform.cache
 
+    @property
+    def outbox(self) -> Outbox:
+        return self.platform.outbox
+
+    async def deliveries_done(self) -> None:
+        """Wait until the durable handlers have run every delivery; fail if one failed."""
+        await deliveries_done(self.outbox)
+
     async def rows(self, model: type[R], **where: Any) -> list[R]:
         async with self.platform.sessions() as session:
             query = select(model).filter_by(**where).order_by(model.created_at, model.id)
             return list(await session.scalars(query))
 
     async def emit_again(self, event: object) -> dict[str, dict[str, int]]:
-        """Emit ``event`` a second time; what each handler changed in that run, by name."""
+        """Emit ``event`` a second time, once its durable deliveries are done; what each
+        handler changed in that run, by name."""
+        await self.deliveries_done()
         seen = len(self.recorder.runs)
         result = await self.bus.emit(event)
         assert result.ok, result.errors
         return {run.handler.rsplit(".", 1)[-1]: run.changes for run in self.recorder.runs[seen:]}
 
 
+async def deliveries_done(outbox: Outbox) -> None:
+    """Wait until no durable delivery is pending (60 s at most); fail if one failed."""
+    failed = await settled(outbox, within=60.0)
+    assert failed == [], [(d.handler, d.error_type, d.error_message) for d in failed]
+
+
 @pytest_asyncio.fixture(params=BACKENDS)
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with _harness(request, tmp_path, running=True) as harness:
+        yield harness
+
+
+@pytest_asyncio.fixture(params=BACKENDS)
+async def idle_harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    """A harness whose bus does not run: no relay delivers until the test runs one."""
+    async with _harness(request, tmp_path, running=False) as harness:
+        yield harness
+
+
+@asynccontextmanager
+async def _harness(
+    request: pytest.FixtureRequest, tmp_path: Path, *, running: bool
+) -> AsyncIterator[Harness]:
     if request.param == "sqlite":
-        async with _platform(f"sqlite+aiosqlite:///{tmp_path / 'platform.sqlite3'}") as harness:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'platform.sqlite3'}"
+        async with _platform(url, running=running) as harness:
             yield harness
         return
     database_url: str = request.getfixturevalue("database_url")
@@ -83,7 +121,7 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         cache = RedisCache(redis_url, prefix=prefix)
         throttle = PlatformThrottle.redis(redis_url, prefix=prefix)
         async with _platform(
-            database_url, schema=schema, cache=cache, throttle=throttle
+            database_url, schema=schema, cache=cache, throttle=throttle, running=running
         ) as harness:
             yield harness
 
@@ -100,6 +138,7 @@ async def _platform(
     schema: str | None = None,
     cache: Cache | None = None,
     throttle: PlatformThrottle | None = None,
+    running: bool = True,
 ) -> AsyncIterator[Harness]:
     engine = create_engine(url, search_path=schema)
     count_rows(engine)
@@ -112,7 +151,11 @@ async def _platform(
             tenant.id, "Ann", "ann@acme.test", "de-DE"
         )
         harness.tenant_id, harness.account_id = tenant.id, account.value.id
-        yield harness
+        if not running:
+            yield harness
+            return
+        async with in_a_task(platform.bus):  # stopped before the engine is disposed
+            yield harness
 
 
 @asynccontextmanager
@@ -144,17 +187,22 @@ async def _redis_prefix(redis_url: str) -> AsyncIterator[str]:
             await redis.aclose()
 
 
-@asynccontextmanager
-async def lifespan_in_a_task(web: FastAPI) -> AsyncIterator[None]:
-    """Run ``web``'s lifespan around the block, in a task of its own, as a server does.
+def lifespan_in_a_task(web: FastAPI) -> AbstractAsyncContextManager[None]:
+    """Run ``web``'s lifespan around the block, in a task of its own, as a server does."""
+    return in_a_task(web.router.lifespan_context(web))
 
-    The lifespan runs the bus, whose task group must be left by the task that entered it;
-    pytest-asyncio runs an async fixture's setup and its teardown in different tasks.
+
+@asynccontextmanager
+async def in_a_task(context: AbstractAsyncContextManager[object]) -> AsyncIterator[None]:
+    """Enter ``context`` before the block and leave it after, in a task of its own.
+
+    A running bus (a lifespan runs one) must be left by the task that entered it; pytest-
+    asyncio runs an async fixture's setup and its teardown in different tasks.
     """
     started, stop = asyncio.Event(), asyncio.Event()
 
     async def serve() -> None:
-        async with web.router.lifespan_context(web):
+        async with context:
             started.set()
             await stop.wait()
 
@@ -164,7 +212,7 @@ async def lifespan_in_a_task(web: FastAPI) -> AsyncIterator[None]:
         await asyncio.wait({server, starting}, return_when=asyncio.FIRST_COMPLETED)
         starting.cancel()
         if server.done():
-            server.result()  # the startup failed: raise its error
+            server.result()  # the start failed: raise its error
         yield
     finally:
         stop.set()

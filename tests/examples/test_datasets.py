@@ -1,4 +1,4 @@
-"""clean_when_dataset_deleted."""
+"""clean_when_dataset_deleted (durable: the tests wait for its deliveries)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ async def knowledge_base(harness: Harness, app_id: str) -> str:
         for _ in "ab"
     ]
     await services.documents.create_documents(dataset.id, files)
+    await harness.deliveries_done()  # indexed
     return dataset.id
 
 
@@ -38,6 +39,7 @@ async def test_deleting_a_dataset_cleans_its_documents_files_and_joins(harness: 
     ]
 
     done = await harness.services.datasets.delete_dataset(gone)
+    await harness.deliveries_done()  # cleaned
 
     assert done.ok
     assert await harness.rows(Document, dataset_id=gone) == []
@@ -59,4 +61,4 @@ async def test_dataset_cleaning_is_idempotent(harness: Harness) -> None:
 
     changes = await harness.emit_again(events.assert_emitted(DatasetWasDeleted))
 
-    assert changes == {"CleanWhenDatasetDeleted": {}}
+    assert changes == {"clean_when_dataset_deleted": {}}

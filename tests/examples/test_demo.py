@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import anyio
@@ -29,6 +30,14 @@ EVERY_HANDLER = [
 ]
 
 
+DURABLE_DELIVERIES = {
+    ("create_document_index", "document-index-created"): 2,
+    ("update_provider_when_message_created", "message-was-created"): 2,
+    ("clean_when_document_deleted", "document-was-deleted"): 1,
+    ("clean_when_dataset_deleted", "dataset-was-deleted"): 1,
+}
+
+
 def assert_every_handler_ran_green(output: str) -> None:
     summary = output.split("\nhandler ", 1)[1]
     for handler in EVERY_HANDLER:
@@ -38,6 +47,24 @@ def assert_every_handler_ran_green(output: str) -> None:
     # of the two messages adds a ledger row and charges the provider row.
     runs, failed, created, updated, *_ = totals(summary, "update_provider_when_message_created")
     assert (runs, failed, created, updated) == (2, 0, 2, 2)
+    # The durable handlers' runs are among those, and the outbox has their deliveries of this
+    # run: each completed at its first attempt.
+    deliveries = deliveries_listed(summary)
+    assert Counter((handler, event) for handler, event, *_ in deliveries) == DURABLE_DELIVERIES
+    assert {(key, status, attempts) for *_, key, status, attempts in deliveries} == {
+        ("-", "completed", "1")
+    }
+    assert "\n6 deliveries: 6 completed\n" in summary
+
+
+def deliveries_listed(summary: str) -> list[list[str]]:
+    """The rows of the deliveries table: handler, event, key, status, attempts."""
+    table = summary.split("\ndurable deliveries, as the outbox stores them:\n", 1)[1]
+    header, *lines = table.split("\n\n", 1)[0].splitlines()
+    assert header.split() == ["delivery", "handler", "event", "key", "status", "attempts"]
+    rows = [line.split() for line in lines[:-1]]  # the last line counts them
+    assert all(len(row) == 6 and row[0].isdigit() for row in rows), lines
+    return [row[1:] for row in rows]
 
 
 def totals(summary: str, handler: str) -> list[int]:

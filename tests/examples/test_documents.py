@@ -1,4 +1,5 @@
-"""create_document_index and clean_when_document_deleted."""
+"""create_document_index and clean_when_document_deleted: durable, run on the relay after
+the COMMIT, so the tests wait for their deliveries before reading their work."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ async def add_documents(harness: Harness, dataset_id: str, *contents: str) -> li
     file_ids = [await upload(harness, content) for content in contents]
     done = await harness.services.documents.create_documents(dataset_id, file_ids)
     assert done.ok, done.reports
+    await harness.deliveries_done()
     return [(await harness.rows(Document, id=document.id))[0] for document in done.value]
 
 
@@ -125,7 +127,7 @@ async def test_indexing_is_idempotent(harness: Harness) -> None:
 
     changes = await harness.emit_again(events.assert_emitted(DocumentIndexCreated))
 
-    assert changes == {"CreateDocumentIndex": {}}
+    assert changes == {"create_document_index": {}}
 
 
 async def test_deleting_a_document_cleans_its_segments_and_file(harness: Harness) -> None:
@@ -133,6 +135,7 @@ async def test_deleting_a_document_cleans_its_segments_and_file(harness: Harness
     gone, kept = await add_documents(harness, dataset_id, TEXT, TEXT)
 
     done = await harness.services.documents.delete_document(gone.id)
+    await harness.deliveries_done()
 
     assert done.ok
     assert await harness.rows(Document, id=gone.id) == []
@@ -149,4 +152,4 @@ async def test_document_cleaning_is_idempotent(harness: Harness) -> None:
 
     changes = await harness.emit_again(events.assert_emitted(DocumentWasDeleted))
 
-    assert changes == {"CleanWhenDocumentDeleted": {}}
+    assert changes == {"clean_when_document_deleted": {}}

@@ -30,6 +30,7 @@ async def send_a_message(harness: Harness, mode: str) -> None:
     await services.apps.update_model_config(app.id, **model_config())
     done = await services.messages.send_message(app.id, harness.account_id, "Hello there")
     assert done.ok, done.reports
+    await harness.deliveries_done()  # the provider update is durable: it runs after
 
 
 async def openai_usage(harness: Harness) -> tuple[int, bool, int]:
@@ -94,6 +95,7 @@ async def test_a_plugin_style_provider_name_charges_the_provider_row(harness: Ha
     await services.apps.update_model_config(app.id, **config)
 
     done = await services.messages.send_message(app.id, harness.account_id, "Hello there")
+    await harness.deliveries_done()
 
     assert done.ok, done.reports
     assert await openai_usage(harness) == (1, True, 1)

@@ -34,6 +34,7 @@ from examples.llm_platform.cache import MemoryCache
 from examples.llm_platform.db import SessionFactory, create_engine, create_schema, session_factory
 from examples.llm_platform.deps import Deps
 from examples.llm_platform.events import MessageWasCreated
+from examples.llm_platform.handlers import DURABLE, provider_usage_router
 from examples.llm_platform.handlers.update_provider_when_message_created import (
     UpdateProviderWhenMessageCreated,
     UpdateProviderWhenMessagesCreated,
@@ -43,7 +44,13 @@ from examples.llm_platform.quota import MODEL_CREDITS, TRIAL_QUOTAS
 from examples.llm_platform.throttling import PlatformThrottle
 from examples.llm_platform.web import create_web_app
 
-from .conftest import BACKENDS, _postgres_schema, _redis_prefix, lifespan_in_a_task
+from .conftest import (
+    BACKENDS,
+    _postgres_schema,
+    _redis_prefix,
+    deliveries_done,
+    lifespan_in_a_task,
+)
 from .graphs import model_config
 from .provider_usage import (
     PROVIDER,
@@ -263,10 +270,14 @@ async def test_redis_going_down_mid_run_falls_back_to_writing_last_used(
 
         bus.subscribe(MessageWasCreated, count)
 
+        handled_when_down = 0
+
         async def stop_after_a_hundred() -> None:
+            nonlocal handled_when_down
             await hundred_handled.wait()
             server.terminate()
             await anyio.to_thread.run_sync(server.wait)
+            handled_when_down = handled
 
         caplog.set_level(logging.WARNING, "aioevents.throttle")
         try:
@@ -281,7 +292,10 @@ async def test_redis_going_down_mid_run_falls_back_to_writing_last_used(
     assert (await bed.provider()).quota_used == tokens(sent)
     assert isinstance(throttle.throttle, RedisThrottle)
     fallbacks = throttle.throttle.fallbacks
-    assert fallbacks >= 300  # well after the stop, every claim fell back
+    # Every claim made once the server was down fell back: those of the messages handled
+    # after it, but for the few (one a task) that had claimed before. How many messages were
+    # handled between the hundredth and the server's exit depends on the machine's load.
+    assert fallbacks >= len(sent) - handled_when_down - 8 > 0
     assert bed.last_used_writes == 1 + fallbacks  # the one granted claim, then each fallback
     warnings = [r for r in caplog.records if r.name == "aioevents.throttle"]
     assert len(warnings) == 1  # rate-limited: one a minute
@@ -514,31 +528,46 @@ async def test_concurrent_batches_over_the_same_providers_do_not_deadlock(bed: B
     assert len(await bed.ledger()) == len(sent)
 
 
-@pytest.mark.parametrize("running", [False, True])
-async def test_the_bus_has_exactly_one_provider_update(running: bool, tmp_path: Path) -> None:
+async def test_the_platform_wires_exactly_one_provider_update_the_durable_one(
+    tmp_path: Path,
+) -> None:
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'b.sqlite3'}")
     deps = Deps(session_factory(engine), MemoryCache())
 
-    bus = build_bus(deps, running=running)
+    bus = build_bus(deps)
 
     await engine.dispose()
     [sub] = bus.handlers_for(MessageWasCreated)
-    expected = UpdateProviderWhenMessagesCreated if running else UpdateProviderWhenMessageCreated
+    assert sub.handler.__class__ is UpdateProviderWhenMessageCreated
+    assert (sub.name, sub.durable, sub.batch) == (
+        "update_provider_when_message_created",
+        DURABLE,
+        None,
+    )
+
+
+@pytest.mark.parametrize("batched", [False, True])
+async def test_the_provider_usage_router_gives_one_variant(batched: bool) -> None:
+    deps = Deps(session_factory(create_engine("sqlite://")), MemoryCache())  # never connects
+    bus = EventBus()
+
+    bus.include(provider_usage_router(deps, batched=batched))
+
+    [sub] = bus.handlers_for(MessageWasCreated)
+    expected = UpdateProviderWhenMessagesCreated if batched else UpdateProviderWhenMessageCreated
     assert sub.handler.__class__ is expected
-    assert (sub.batch is not None) is running
+    assert (sub.batch is not None, sub.durable is not None) == (batched, not batched)
 
 
-async def test_the_web_app_charges_messages_in_the_background_in_batches(tmp_path: Path) -> None:
+async def test_the_web_app_charges_each_message_durably_after_the_answer(tmp_path: Path) -> None:
     def opener() -> AbstractAsyncContextManager[Platform]:
         engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'web.sqlite3'}")
-        return open_platform(engine, MemoryCache(), running=True)
+        return open_platform(engine, MemoryCache())
 
     web = create_web_app(opener)
     async with lifespan_in_a_task(web):
         platform: Platform = web.state.platform
         assert platform.bus.running
-        [sub] = platform.bus.handlers_for(MessageWasCreated)
-        assert isinstance(sub.handler, UpdateProviderWhenMessagesCreated)
         transport = httpx.ASGITransport(app=web)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
             # The tenant comes with a trial quota of the hosted openai, which the app uses.
@@ -547,15 +576,19 @@ async def test_the_web_app_charges_messages_in_the_background_in_batches(tmp_pat
                 body = {"account_id": account_id, "query": query}
                 response = await http.post(f"/apps/{app_id}/messages", json=body)
                 assert response.status_code == 201, response.text
-                assert response.json()["events"] == []  # published, not awaited
-    # The lifespan has ended: the bus drained its batch, and the engine is disposed.
+                # Its only handler is durable: nothing ran in memory, nothing was awaited.
+                assert response.json()["events"] == [{"handlers": [], "failed": []}]
+        await deliveries_done(platform.outbox)
+        deliveries = await platform.outbox.deliveries(
+            handler="update_provider_when_message_created"
+        )
+        async with platform.sessions() as session:
+            sent = (await session.execute(select(func.count(Message.id)))).scalar_one()
+            openai = select(Provider).filter_by(provider_name="openai")
+            provider = (await session.scalars(openai)).one()
 
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'web.sqlite3'}")
-    async with session_factory(engine)() as session:
-        sent = (await session.execute(select(func.count(Message.id)))).scalar_one()
-        openai = select(Provider).filter_by(provider_name="openai")
-        provider = (await session.scalars(openai)).one()
-    await engine.dispose()
+    assert sent == 3
+    assert [(d.status, d.attempts) for d in deliveries] == [("completed", 1)] * 3
     assert (provider.quota_type, provider.quota_limit) == ("trial", TRIAL_QUOTAS["openai"])
     assert (provider.quota_used, provider.last_used is not None) == (sent, True)  # one a message
 

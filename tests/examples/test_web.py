@@ -21,7 +21,7 @@ from examples.llm_platform.events import AppWasCreated
 from examples.llm_platform.models import AppModelConfig
 from examples.llm_platform.web import create_web_app
 
-from .conftest import lifespan_in_a_task
+from .conftest import deliveries_done, lifespan_in_a_task
 from .graphs import graph, knowledge, model_config, schedule, webhook
 
 pytestmark = pytest.mark.asyncio
@@ -50,7 +50,7 @@ async def client(tmp_path: Path) -> AsyncIterator[Client]:
 
     def opener() -> AbstractAsyncContextManager[Platform]:
         engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'web.sqlite3'}")
-        return open_platform(engine, MemoryCache(), running=True)  # as the web app runs it
+        return open_platform(engine, MemoryCache())
 
     web = create_web_app(opener)
     # httpx's ASGI transport does not run the lifespan: run it around the client ourselves.
@@ -103,6 +103,7 @@ async def test_a_chat_app_with_datasets_and_messages(client: Client) -> None:
     documents = await client.ok(
         "POST", f"/datasets/{dataset_id}/documents", {"file_ids": [file_id]}, 201
     )
+    assert documents["events"] == [{"handlers": [], "failed": []}]  # indexing is durable
     await client.ok("PUT", f"/apps/{app_id}/model-config", model_config(datasets=(dataset_id,)))
     first = await client.ok(
         "POST", f"/apps/{app_id}/messages", {"account_id": client.account_id, "query": "Hi"}, 201
@@ -115,12 +116,14 @@ async def test_a_chat_app_with_datasets_and_messages(client: Client) -> None:
     second = await client.ok("POST", f"/apps/{app_id}/messages", follow_up, 201)
 
     [document_id] = documents["ids"]
+    await deliveries_done(client.platform.outbox)  # indexing ran on the relay, after the answer
     document = await client.ok("GET", f"/documents/{document_id}")
     assert (document["indexing_status"], document["word_count"]) == ("completed", 4)
     assert (await client.ok("GET", f"/apps/{app_id}"))["dataset_ids"] == [dataset_id]
     assert second["conversation_id"] == first["conversation_id"]
 
     await client.ok("DELETE", f"/datasets/{dataset_id}")
+    await deliveries_done(client.platform.outbox)
     assert (await client.ok("GET", f"/apps/{app_id}"))["dataset_ids"] == []
     assert (await client.http.get(f"/documents/{document_id}")).status_code == 404
 

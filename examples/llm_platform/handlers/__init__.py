@@ -1,14 +1,22 @@
 """The handlers, one module each, named as in the original; wired by `router`.
 
 `router` is the whole table of what handles what, but for the provider update on
-message-was-created, which comes in two variants: `provider_usage_router` gives the one
-``app.build_bus`` chooses. Nothing is subscribed by importing a module: the application
+message-was-created, which comes in two variants: `provider_usage_router` gives the durable
+one ``app.build_bus`` wires. Nothing is subscribed by importing a module: the application
 includes these routers into its bus.
+
+Four handlers are durable: their events, recorded in the publisher's transaction, reach them
+through the outbox (`aioevents.outbox`), at least once, retried across processes until they
+succeed. They are the ones whose work must not be lost to a crash between the publisher's
+COMMIT and the handler: indexing a document, cleaning up after a deleted document or dataset,
+and charging a message to its provider. Each is idempotent, as a handler that may run twice
+must be (see each module). The others rebuild what they own from the rows each time and are
+run in memory after the COMMIT, as before.
 """
 
 from __future__ import annotations
 
-from aioevents import Router
+from aioevents import Durable, Router
 
 from ..deps import Deps
 from ..events import (
@@ -46,14 +54,24 @@ from .update_provider_when_message_created import (
     UpdateProviderWhenMessagesCreated,
 )
 
-__all__ = ["provider_usage_router", "router"]
+__all__ = ["DURABLE", "provider_usage_router", "router"]
 
 BATCH_SIZE = 100
 BATCH_WAIT = 1.0  # seconds a message's quota may lag behind it in the batch variant
 
+DURABLE = Durable(max_attempts=8, wait_initial=1.0, wait_max=60.0)
+"""How the durable handlers are retried: 8 attempts, the waits doubling from 1 s to at most a
+minute (about 2 minutes in all); then the delivery is dead, kept with its error for an
+operator to resubmit or discard (`aioevents.outbox.Outbox.resubmit`)."""
 
-def router(deps: Deps) -> Router:
-    """Every handler of the platform, built with ``deps``, for `EventBus.include`."""
+
+def router(deps: Deps, *, indexing_pause: float = 0.0) -> Router:
+    """Every handler of the platform, built with ``deps``, for `EventBus.include`.
+
+    The durable handlers are named: stored deliveries are addressed by handler name, which
+    must outlive a rename or a move of the class (a default name is its module path).
+    ``indexing_pause``: see `CreateDocumentIndex`.
+    """
     plugin_triggers = SyncPluginTriggerWhenAppCreated(deps)
     webhooks = SyncWebhookWhenAppCreated(deps)
     routes = Router()
@@ -72,17 +90,36 @@ def router(deps: Deps) -> Router:
     routes.add(
         AppPublishedWorkflowWasUpdated, UpdateAppDatasetJoinWhenAppPublishedWorkflowUpdated(deps)
     )
-    routes.add(DocumentIndexCreated, CreateDocumentIndex(deps))
-    routes.add(DocumentWasDeleted, CleanWhenDocumentDeleted(deps))
-    routes.add(DatasetWasDeleted, CleanWhenDatasetDeleted(deps))
+    routes.add(
+        DocumentIndexCreated,
+        CreateDocumentIndex(deps, pause=indexing_pause),
+        name="create_document_index",
+        durable=DURABLE,
+    )
+    routes.add(
+        DocumentWasDeleted,
+        CleanWhenDocumentDeleted(deps),
+        name="clean_when_document_deleted",
+        durable=DURABLE,
+    )
+    routes.add(
+        DatasetWasDeleted,
+        CleanWhenDatasetDeleted(deps),
+        name="clean_when_dataset_deleted",
+        durable=DURABLE,
+    )
     return routes
 
 
-def provider_usage_router(deps: Deps, *, batched: bool) -> Router:
-    """The provider update on message-was-created: per message, or ``batched``.
+def provider_usage_router(deps: Deps, *, batched: bool = False) -> Router:
+    """The provider update on message-was-created: durable per message, or ``batched``.
 
-    Exactly one of the two must be wired, or every message would be charged twice. The batch
-    variant only works on a running bus (``async with bus:``), which collects the batches.
+    Exactly one of the two must be wired, or every message would be charged twice. The
+    platform wires the durable one: a message's charge survives a crash of the process that
+    answered it. The batch variant writes each provider's quota once per batch instead of
+    once per message, but in memory: a batch not yet written when the process dies is never
+    charged, and a durable handler cannot be a batch handler. It only works on a running bus
+    (``async with bus:``), which collects the batches.
     """
     routes = Router()
     if batched:
@@ -90,5 +127,10 @@ def provider_usage_router(deps: Deps, *, batched: bool) -> Router:
             UpdateProviderWhenMessagesCreated(deps)
         )
     else:
-        routes.add(MessageWasCreated, UpdateProviderWhenMessageCreated(deps))
+        routes.add(
+            MessageWasCreated,
+            UpdateProviderWhenMessageCreated(deps),
+            name="update_provider_when_message_created",
+            durable=DURABLE,
+        )
     return routes

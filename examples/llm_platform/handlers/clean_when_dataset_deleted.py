@@ -1,4 +1,8 @@
-"""A deleted dataset's documents, their segments and files, and its app joins go with it."""
+"""A deleted dataset's documents, their segments and files, and its app joins go with it.
+
+Durable, so run at least once: naturally idempotent (no inbox needed), since deleting what
+is already gone deletes nothing, and the one transaction commits all of it or none.
+"""
 
 from __future__ import annotations
 

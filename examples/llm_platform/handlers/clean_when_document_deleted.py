@@ -1,4 +1,8 @@
-"""A deleted document's segments and uploaded file go with it."""
+"""A deleted document's segments and uploaded file go with it.
+
+Durable, so run at least once: naturally idempotent (no inbox needed), since deleting what
+is already gone deletes nothing, and the one transaction commits all of it or none.
+"""
 
 from __future__ import annotations
 

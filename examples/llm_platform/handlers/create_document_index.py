@@ -7,12 +7,20 @@ problem (its file is gone, it has no text) is a warning; any other error is logg
 with its traceback, as the original does since it stopped swallowing indexing errors. A
 paused document is skipped. Only a 'waiting' document (or one left 'parsing' by a crash) is
 indexed: running twice indexes nothing twice, and an 'error' stays for the user to retry.
+
+It is durable: a delivery runs at least once, and again after a crash or a failed attempt.
+Its idempotency is the document's own state (naturally idempotent, no inbox): the inbox
+(`Outbox.first_time`) makes one transaction exactly once, and indexing commits several per
+document, so the state each one checks is what keeps a second run from adding anything.
 """
 
 from __future__ import annotations
 
 import logging
 
+import anyio
+
+from ..deps import Deps
 from ..events import DocumentIndexCreated
 from ..models import Document, DocumentSegment, UploadFile, utcnow
 from ._common import Handler
@@ -43,10 +51,20 @@ class NotIndexable(Exception):
 
 
 class CreateDocumentIndex(Handler):
+    """``pause``: seconds each document waits between 'parsing' and its segments, standing in
+    for the embedding model the original calls there (the crash demo makes indexing slow
+    enough to kill a worker in the middle of it)."""
+
+    def __init__(self, deps: Deps, *, pause: float = 0.0) -> None:
+        super().__init__(deps)
+        self.pause = pause
+
     async def __call__(self, event: DocumentIndexCreated) -> None:
         for document_id in event.document_ids:
             if await self._start(document_id):
                 try:
+                    if self.pause:
+                        await anyio.sleep(self.pause)
                     await self._index(document_id)
                 except NotIndexable as exc:
                     logger.warning("document %s not indexed: %s", document_id, exc)
@@ -71,7 +89,8 @@ class CreateDocumentIndex(Handler):
 
     async def _index(self, document_id: str) -> None:
         async with self.deps.sessions.begin() as session:
-            # Locked: a concurrent run of the same event must not add the segments twice.
+            # Locked, and 'parsing' checked again: a concurrent run of the same event (a
+            # delivery run again after its lease ran out) must not add the segments twice.
             document = await session.get(Document, document_id, with_for_update=True)
             if document is None or document.indexing_status != "parsing":
                 return

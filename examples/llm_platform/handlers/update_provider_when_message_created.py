@@ -8,12 +8,15 @@ five-minute window, remembered in Redis; it had four races, each fixed here:
 - the window was claimed before a transaction that could roll back, losing ``last_used`` for
   the window: a failed transaction releases its claims;
 - quota was deducted without an idempotency key, so a redelivered message charged twice: each
-  charge inserts a ledger row keyed by the message id in the same transaction;
+  charge inserts a ledger row keyed by the message id in the same transaction (the ledger is
+  this handler's own inbox, so the durable variant, run at least once, needs no other:
+  a delivery run again after a crash finds the row and charges nothing);
 - updates to ``providers`` deadlocked: every transaction takes its locks in one order, ledger
   rows by message id, then provider rows by (tenant_id, provider_name).
 
-`UpdateProviderWhenMessageCreated` does this per message; `UpdateProviderWhenMessagesCreated`
-per batch, for a running bus, with the quota summed per provider and written once per batch.
+`UpdateProviderWhenMessageCreated` does this per message (the platform wires it durable);
+`UpdateProviderWhenMessagesCreated` per batch, for a running bus, with the quota summed per
+provider and written once per batch (in memory, so not durable: see `provider_usage_router`).
 Both run one transaction:
 
 1. (before it) claim the ``last_used`` window of each (tenant, provider): no throttle call

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-
 from sqlalchemy.ext.asyncio import AsyncSession
-
-from aioevents import BusStateError
 
 from ..events import MessageWasCreated
 from ..models import Account, App, AppModelConfig, Conversation, Message
 from ..uow import Done
 from ._base import Service, get_or_404
 from .errors import Invalid
-
-logger = logging.getLogger(__name__)
 
 
 def count_tokens(text: str) -> int:
@@ -28,14 +22,13 @@ class MessageService(Service):
     ) -> Done[Message]:
         """Store the message and its answer; then message-was-created.
 
-        When the bus runs (the web app), message-was-created is published in the background
-        once the transaction has committed: its only handler does quota and last-use
-        bookkeeping, nothing the chat user reads back, so the answer does not wait for it.
-        A bus that does not run gets it emitted after the commit, as every other event.
+        Its only handler, quota and last-use bookkeeping, is durable: the event and its
+        delivery commit with the message, and the handler runs after the COMMIT on the
+        relay, so the answer does not wait for it, nor is the charge lost if the process
+        dies before it runs.
         """
         if not query.strip():
             raise Invalid("a message needs a query")
-        in_background = self._events.bus.running
         async with self.unit_of_work() as uow:
             app = await get_or_404(uow.session, App, app_id)
             await get_or_404(uow.session, Account, account_id)
@@ -58,28 +51,20 @@ class MessageService(Service):
             )
             uow.session.add(message)
             await uow.session.flush()
-            created = MessageWasCreated(
-                message_id=message.id,
-                conversation_id=conversation.id,
-                app_id=app.id,
-                tenant_id=app.tenant_id,
-                provider=config.provider,
-                model=config.model_id,
-                message_tokens=message.message_tokens,
-                answer_tokens=message.answer_tokens,
-                app_mode=app.mode,
+            uow.record(
+                MessageWasCreated(
+                    message_id=message.id,
+                    conversation_id=conversation.id,
+                    app_id=app.id,
+                    tenant_id=app.tenant_id,
+                    provider=config.provider,
+                    model=config.model_id,
+                    message_tokens=message.message_tokens,
+                    answer_tokens=message.answer_tokens,
+                    app_mode=app.mode,
+                )
             )
-            if not in_background:
-                uow.record(created)
-        if in_background:
-            await self._publish(created)
         return uow.done(message)
-
-    async def _publish(self, event: MessageWasCreated) -> None:
-        try:
-            await self._events.bus.publish(event)
-        except BusStateError:  # the bus stopped since the message began: it is shutting down
-            logger.error("message-was-created of message %s not delivered", event.message_id)
 
     async def _conversation(
         self,
