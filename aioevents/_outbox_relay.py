@@ -141,6 +141,8 @@ class Relay:
         self._group: Any = None
         self._services = anyio.CancelScope()  # fetcher, listener, sweeper, renewer, writer
         self._workers: list[anyio.CancelScope] = []
+        self._fetcher = anyio.CancelScope()
+        self._fetcher_done = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"<Relay bus={self.bus!r} running={len(self._running)} queued={len(self._queue)}>"
@@ -194,6 +196,9 @@ class Relay:
 
     async def _stop(self) -> None:
         self._accepting = False
+        # The fetcher first, and waited for: what a claim in flight gets is given back below.
+        self._fetcher.cancel()
+        await self._fetcher_done.wait()
         unstarted = [job.delivery.id for job in self._queue]
         self._queue.clear()
         self._released.extend(unstarted)
@@ -228,8 +233,15 @@ class Relay:
     # -- claiming --------------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
+        try:
+            with self._fetcher:
+                await self._fetch()
+        finally:
+            self._fetcher_done.set()
+
+    async def _fetch(self) -> None:
         settings = self._settings
-        while True:
+        while self._accepting:
             room = self._capacity() - self._held()
             # A whole batch at a time while work is in hand: fewer, fuller round trips.
             if room >= settings.batch_size or (room > 0 and not self._held()):
@@ -255,7 +267,9 @@ class Relay:
         except Exception as exc:
             logger.warning("relay: claiming deliveries failed, retrying at the next poll: %r", exc)
             return 0
-        if claimed:
+        if claimed and not self._accepting:  # stopped meanwhile: given back at the final write
+            self._released.extend(row.id for row in claimed)
+        elif claimed:
             deadline = started + self._settings.lease
             self._queue.extend(_stored_job(row, deadline) for row in claimed)
             self._job_ready.set()
@@ -416,8 +430,11 @@ class Relay:
                 continue
             started = time.monotonic()
             try:
-                async with self._engine.begin() as connection:
-                    still = await self._store.renew(connection, held, self.token, lease)
+                # Shielded, as every transaction here: a statement cut short invalidates its
+                # connection (and on aiosqlite its close never ends); a stop waits for it.
+                with anyio.CancelScope(shield=True):
+                    async with self._engine.begin() as connection:
+                        still = await self._store.renew(connection, held, self.token, lease)
             except Exception as exc:
                 logger.warning("relay: renewing %d lease(s) failed: %r", len(held), exc)
                 continue
@@ -470,8 +487,9 @@ class Relay:
         keep = self._settings.keep_completed or timedelta(0)
         while True:
             try:
-                async with self._engine.begin() as connection:
-                    await self._store.purge(connection, now() - keep)
+                with anyio.CancelScope(shield=True):
+                    async with self._engine.begin() as connection:
+                        await self._store.purge(connection, now() - keep)
             except Exception as exc:
                 logger.warning("relay: the retention sweep failed: %r", exc)
             await anyio.sleep(_PURGE_EVERY)
