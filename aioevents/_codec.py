@@ -180,7 +180,8 @@ class Codec:
         """The event's fields as JSON text."""
         try:
             return self._encoder.encode(event).decode()
-        except (TypeError, msgspec.EncodeError) as exc:
+        except (TypeError, msgspec.EncodeError, UnicodeEncodeError) as exc:
+            # UnicodeEncodeError: a lone surrogate, which no UTF-8 text column can store.
             raise TypeError(f"cannot encode {type(event).__qualname__}: {exc}") from exc
 
     def encode_headers(self, headers: dict[str, str]) -> str:
@@ -190,7 +191,10 @@ class Codec:
             checked = msgspec.convert(headers, dict[str, str])
         except msgspec.ValidationError as exc:
             raise TypeError(f"headers must map str to str: {exc}") from exc
-        return self._encoder.encode(checked).decode()
+        try:
+            return self._encoder.encode(checked).decode()
+        except UnicodeEncodeError as exc:
+            raise TypeError(f"headers must be encodable as UTF-8: {exc}") from exc
 
     def decode_headers(self, text: str | bytes) -> dict[str, str]:
         """The headers `encode_headers` wrote (`msgspec.DecodeError` on anything else)."""

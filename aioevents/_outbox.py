@@ -383,7 +383,17 @@ def _checked_key(key: object) -> str:
         raise TypeError(f"an event key is a str, got {key!r}")
     if not key or len(key) > _KEY_LENGTH:
         raise ValueError(f"an event key has 1 to {_KEY_LENGTH} characters, got {key!r}")
+    if "\x00" in key or not _utf8(key):
+        raise ValueError(f"an event key is text a database can store (no NUL), got {key!r}")
     return key
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 def _checked_headers(headers: object) -> dict[str, str]:

@@ -393,20 +393,19 @@ async def _write_stored(transaction: _Transaction) -> None:
     written, a keyed event's lock is held only from here to COMMIT, and one statement per
     transaction writes them all.
     """
-    groups: dict[tuple[int, int], list[StoredEvent]] = {}
-    outboxes: dict[int, Outbox] = {}
+    groups: dict[tuple[int, int], list[Recorded[Any]]] = {}
     for recorded in transaction.records:
-        stored = recorded._stored
-        if stored is not None and not recorded._written and recorded.outcome is Outcome.PENDING:
-            outbox = recorded._owner.outbox
-            assert outbox is not None
-            outboxes[id(outbox)] = outbox
-            groups.setdefault((id(outbox), id(stored.bus)), []).append(stored)
-            recorded._written = True
+        if recorded._stored is not None and not recorded._written:
+            if recorded.outcome is Outcome.PENDING:
+                key = (id(recorded._owner.outbox), id(recorded._stored.bus))
+                groups.setdefault(key, []).append(recorded)
     connection = await transaction.session.connection()
-    for (outbox_id, _), group in groups.items():
-        outbox = outboxes[outbox_id]
-        handover = await outbox._write(connection, group)
+    for group in groups.values():
+        outbox = group[0]._owner.outbox
+        assert outbox is not None
+        handover = await outbox._write(connection, [r._stored for r in group])  # type: ignore[misc]
+        for recorded in group:  # only now: a commit retried after a failed write writes again
+            recorded._written = True
         if handover is not None:
             transaction.handovers.append((handover, outbox.engine))
     transaction.stored = 0
