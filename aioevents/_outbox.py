@@ -407,7 +407,9 @@ def _checked_headers(headers: object) -> dict[str, str]:
 
 
 def _check_identifier(what: str, value: object) -> None:
-    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+    if not isinstance(value, str):
+        raise TypeError(f"Outbox({what}=...) takes a str, got {value!r}")
+    if not _IDENTIFIER.fullmatch(value):
         raise ConfigurationError(
             f"Outbox({what}=...) takes a plain SQL identifier (letters, digits, _), got {value!r}"
         )

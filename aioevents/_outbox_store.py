@@ -527,7 +527,8 @@ class Store:
             .where(d.c.id.in_(ids), d.c.status == DEAD)
             .values(status=PENDING, attempts=0, due_at=now(), finished_at=None)
         )
-        await self.notify(connection)
+        if result.rowcount:
+            await self.notify(connection)
         return result.rowcount
 
     async def discard(self, connection: AsyncConnection, ids: Sequence[int]) -> int:
@@ -539,6 +540,8 @@ class Store:
             .where(d.c.id.in_(ids), d.c.status.in_(UNFINISHED), not_running)
             .values(_finished(DISCARDED, now()))
         )
+        if result.rowcount:  # a key's later deliveries may be free now
+            await self.notify(connection)
         return result.rowcount
 
     async def purge(self, connection: AsyncConnection, before: datetime) -> int:
