@@ -48,7 +48,13 @@ def _provider_usage(settings: Settings) -> Sequence[Verdict]:
     return bench_provider_usage.main(quick=settings.quick)
 
 
-# The last three need PostgreSQL (and provider-usage Redis); each says so and is skipped
+def _outbox(settings: Settings) -> Sequence[Verdict]:
+    from . import bench_outbox
+
+    return bench_outbox.main(quick=settings.quick)
+
+
+# The last four need PostgreSQL (and provider-usage Redis); each says so and is skipped
 # when it cannot reach them.
 SCENARIOS: dict[str, Callable[[Settings], Sequence[Verdict]]] = {
     "emit": bench_emit.main,
@@ -61,6 +67,7 @@ SCENARIOS: dict[str, Callable[[Settings], Sequence[Verdict]]] = {
     "realistic": _realistic,
     "after-commit": _after_commit,
     "provider-usage": _provider_usage,
+    "outbox": _outbox,
 }
 PACKAGES = (
     "aioevents", "anyio", "aiosignal", "blinker", "pyee", "bubus", "uvloop", "trio",
