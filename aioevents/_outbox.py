@@ -13,7 +13,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ._bus import EventBus
 from ._checks import check_instance, check_positive_int, check_seconds
@@ -184,7 +185,6 @@ class Outbox:
         """Run a relay for ``bus`` whenever it runs, and hand it what its process commits."""
         if bus in self._attached:
             return
-        self._attached.add(bus)
 
         def local_relay() -> Relay:
             relay = Relay(
@@ -193,7 +193,8 @@ class Outbox:
             self._local[bus] = relay
             return relay
 
-        bus._attach(local_relay)
+        bus._attach(local_relay)  # refused while the bus runs: then not attached
+        self._attached.add(bus)
 
     def _forget(self, relay: Relay) -> None:
         if self._local.get(relay.bus) is relay:
@@ -225,9 +226,7 @@ class Outbox:
         )
         return StoredEvent(row, handlers, bus, event, checked_headers)
 
-    async def _write(
-        self, connection: AsyncConnection, stored: Sequence[StoredEvent]
-    ) -> Handover | None:
+    def _write(self, connection: Connection, stored: Sequence[StoredEvent]) -> Handover | None:
         """Write recorded events and their deliveries into the committing transaction; lease
         them to the bus's own relay if it runs and has room (handed over after COMMIT)."""
         bus = stored[0].bus
@@ -241,9 +240,7 @@ class Outbox:
             for item in stored
             for handler in item.handlers
         ]
-        leased = await self._store.record(
-            connection, [item.row for item in stored], deliveries, lease
-        )
+        leased = self._store.record(connection, [item.row for item in stored], deliveries, lease)
         if relay is None or not leased:
             return None
         return Handover(relay, _jobs(stored, deliveries, leased, deadline), self._store)

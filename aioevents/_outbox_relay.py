@@ -49,6 +49,7 @@ __all__ = ["Delivery", "Job", "Relay", "RelaySettings", "current_delivery"]
 logger = logging.getLogger("aioevents.outbox")
 _PURGE_EVERY = 60.0  # seconds between retention sweeps
 _RETRY_WRITE_AFTER = 1.0  # seconds before writing outcomes again after a database error
+_WRITE_LINGER = 0.02  # seconds outcomes wait for others to be written with them
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,9 @@ class Relay:
         self.failed = 0
         self.dead = 0
         self._engine = engine
+        # Each of the relay's writes is one statement, atomic on its own: no BEGIN and COMMIT
+        # round trips around it (a claim's row locks last as long as its statement).
+        self._statements = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._store = store
         self._codec = codec
         self._settings = settings
@@ -137,6 +141,8 @@ class Relay:
         self._write_wanted = asyncio.Event()
         self._workers_left = 0
         self._workers_done = asyncio.Event()
+        self._starved = False  # the fetcher waits for room: wake it when some is made
+        self._key_freed = False  # a keyed delivery completed: its key's next may be due
         self._accepting = False
         self._group: Any = None
         self._services = anyio.CancelScope()  # fetcher, listener, sweeper, renewer, writer
@@ -174,6 +180,8 @@ class Relay:
     async def __aenter__(self) -> Self:
         if asyncio._get_running_loop() is None:
             raise BusStateError("the outbox's relay runs on asyncio (SQLAlchemy's asyncio)")
+        if self._group is not None:
+            raise BusStateError(f"{self!r} has run already: make another with outbox.relay(bus)")
         self._codec.register(*{sub.event_type for sub in self._handlers().values()})
         self._group = anyio.create_task_group()
         await self._group.__aenter__()
@@ -244,7 +252,8 @@ class Relay:
         while self._accepting:
             room = self._capacity() - self._held()
             # A whole batch at a time while work is in hand: fewer, fuller round trips.
-            if room >= settings.batch_size or (room > 0 and not self._held()):
+            self._starved = room < settings.batch_size and self._held() > 0
+            if not self._starved:
                 limit = min(room, settings.batch_size)
                 if await self._claim(limit) == limit:
                     continue  # more may be due at once
@@ -260,7 +269,7 @@ class Relay:
         try:
             # Shielded: a claim cut short after its COMMIT would leave its leases unknown here.
             with anyio.CancelScope(shield=True):
-                async with self._engine.begin() as connection:
+                async with self._statements.connect() as connection:
                     claimed = await self._store.claim(
                         connection, handlers, self.token, self._settings.lease, limit
                     )
@@ -342,6 +351,7 @@ class Relay:
             self._fail(delivery, errors[0].exception, dead=dead, wait=sub.durable.wait)
         else:
             self._completed.append(delivery.id)
+            self._key_freed |= delivery.key is not None
             self._write_wanted.set()
 
     def _decode(self, stored: Claimed) -> object:
@@ -365,6 +375,10 @@ class Relay:
     async def _write_loop(self) -> None:
         while True:
             await self._write_wanted.wait()
+            if len(self._completed) < self._settings.batch_size and not self._key_freed:
+                # Outcomes that follow share the statement: one write for many deliveries. Not
+                # when a key waits for it: its next delivery starts after this write.
+                await anyio.sleep(_WRITE_LINGER)
             self._write_wanted.clear()
             if not await self._write():
                 await anyio.sleep(_RETRY_WRITE_AFTER)
@@ -387,14 +401,16 @@ class Relay:
             self._released[:0] = released
             return False
         self._count(completed, failures, written)
-        self.wake()  # room for more, and a key's next delivery may now be due
+        if self._starved or self._key_freed:  # otherwise a claim now would find nothing new
+            self._key_freed = False
+            self.wake()
         return True
 
     async def _write_outcomes(
         self, completed: list[int], failures: list[Failure], released: list[int]
     ) -> int:
         store, token = self._store, self.token
-        async with self._engine.begin() as connection:
+        async with self._statements.connect() as connection:
             written = 0
             if completed:
                 keep = self._settings.keep_completed is not None
@@ -433,7 +449,7 @@ class Relay:
                 # Shielded, as every transaction here: a statement cut short invalidates its
                 # connection (and on aiosqlite its close never ends); a stop waits for it.
                 with anyio.CancelScope(shield=True):
-                    async with self._engine.begin() as connection:
+                    async with self._statements.connect() as connection:
                         still = await self._store.renew(connection, held, self.token, lease)
             except Exception as exc:
                 logger.warning("relay: renewing %d lease(s) failed: %r", len(held), exc)
@@ -488,7 +504,7 @@ class Relay:
         while True:
             try:
                 with anyio.CancelScope(shield=True):
-                    async with self._engine.begin() as connection:
+                    async with self._statements.connect() as connection:
                         await self._store.purge(connection, now() - keep)
             except Exception as exc:
                 logger.warning("relay: the retention sweep failed: %r", exc)

@@ -44,6 +44,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     and_,
+    any_,
     bindparam,
     delete,
     exists,
@@ -55,6 +56,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import event as sa_event
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 __all__ = ["Claimed", "Failure", "NewDelivery", "NewEvent", "Store", "now", "traceback_text"]
@@ -234,17 +237,21 @@ class Store:
         self.metadata = MetaData()
         self.events, self.deliveries, self.inbox = _tables(self.metadata, prefix, schema)
         self.channel = f"{prefix}deliveries"  # PostgreSQL NOTIFY channel
-        self._claim = _claim_statement(self.deliveries)
-        self._claim_joined = self._claim.where(
-            self.deliveries.c.event_id == self.events.c.id
-        ).returning(*(self.events.c[name] for name in _EVENT_FIELDS))
+        self._claim = _claim_statement(self.deliveries, postgres=False)
+        self._claim_joined = (
+            _claim_statement(self.deliveries, postgres=True)
+            .where(self.deliveries.c.event_id == self.events.c.id)
+            .returning(*(self.events.c[name] for name in _EVENT_FIELDS))
+        )
         self._record_sql: Any = None  # PostgreSQL's, made for its dialect's quoting
 
     # -- written in the recording transaction --------------------------------------------
+    # Synchronous: called from the session's before_commit hook, on its own connection, in
+    # SQLAlchemy's greenlet (where a sync call awaits the driver): no extra task or greenlet.
 
-    async def record(
+    def record(
         self,
-        connection: AsyncConnection,
+        connection: Connection,
         events: Sequence[NewEvent],
         deliveries: Sequence[NewDelivery],
         lease: tuple[uuid.UUID, datetime] | None,
@@ -259,16 +266,16 @@ class Store:
         keys = sorted({d.key for d in deliveries if d.key is not None})
         if postgres and keys:  # in order: two transactions never wait for each other's locks
             locks = sorted(set(map(key_lock_id, keys)))
-            await connection.execute(_LOCK_KEYS, {"locks": locks})
-        leased = self._leasable(deliveries, await self._blocked(connection, keys), lease)
+            connection.execute(_LOCK_KEYS, {"locks": locks})
+        leased = self._leasable(deliveries, self._blocked(connection, keys), lease)
         token, expires = lease if lease is not None else (None, None)
         at = now()
         if postgres:
-            returned = await self._record_on_postgres(
+            returned = self._record_on_postgres(
                 connection, events, deliveries, leased, token, expires, at
             )
         else:
-            returned = await self._record_row_by_row(
+            returned = self._record_row_by_row(
                 connection, events, deliveries, leased, token, expires, at
             )
         ids = {(event_id, handler): row_id for row_id, event_id, handler in returned}
@@ -278,9 +285,9 @@ class Store:
             if mine
         ]
 
-    async def _record_on_postgres(
+    def _record_on_postgres(
         self,
-        connection: AsyncConnection,
+        connection: Connection,
         events: Sequence[NewEvent],
         deliveries: Sequence[NewDelivery],
         leased: Sequence[bool],
@@ -313,11 +320,11 @@ class Store:
             "expires": expires,
             "at": at,
         }
-        return await connection.execute(self._record_sql, parameters)
+        return connection.execute(self._record_sql, parameters)
 
-    async def _record_row_by_row(
+    def _record_row_by_row(
         self,
-        connection: AsyncConnection,
+        connection: Connection,
         events: Sequence[NewEvent],
         deliveries: Sequence[NewDelivery],
         leased: Sequence[bool],
@@ -353,17 +360,15 @@ class Store:
             for d, mine in zip(deliveries, leased, strict=True)
         ]
         d = self.deliveries
-        await connection.execute(insert(self.events), event_rows)
+        connection.execute(insert(self.events), event_rows)
         statement = insert(d).returning(d.c.id, d.c.event_id, d.c.handler)
-        return await connection.execute(statement, delivery_rows)
+        return connection.execute(statement, delivery_rows)
 
-    async def _blocked(
-        self, connection: AsyncConnection, keys: Sequence[str]
-    ) -> set[tuple[str, str]]:
+    def _blocked(self, connection: Connection, keys: Sequence[str]) -> set[tuple[str, str]]:
         if not keys:
             return set()
         d = self.deliveries
-        rows = await connection.execute(
+        rows = connection.execute(
             select(d.c.handler, d.c.key)
             .where(d.c.key.in_(keys), d.c.status.in_(UNFINISHED))
             .distinct()
@@ -444,7 +449,7 @@ class Store:
     ) -> int:
         """Mark ``ids`` completed (or delete them); return how many this token still held."""
         d = self.deliveries
-        held = and_(d.c.id.in_(ids), d.c.lease_token == token)
+        held = and_(_among(connection, d.c.id, ids), d.c.lease_token == token)
         if keep:
             statement: Any = update(d).where(held).values(_finished(COMPLETED, now()))
         else:
@@ -496,7 +501,7 @@ class Store:
         d = self.deliveries
         result = await connection.execute(
             update(d)
-            .where(d.c.id.in_(ids), d.c.lease_token == token)
+            .where(_among(connection, d.c.id, ids), d.c.lease_token == token)
             .values(lease_expires=now() + timedelta(seconds=lease))
             .returning(d.c.id)
         )
@@ -509,7 +514,7 @@ class Store:
         d = self.deliveries
         result = await connection.execute(
             update(d)
-            .where(d.c.id.in_(ids), d.c.lease_token == token)
+            .where(_among(connection, d.c.id, ids), d.c.lease_token == token)
             .values(lease_token=None, lease_expires=None, attempts=d.c.attempts - 1)
         )
         return result.rowcount
@@ -524,7 +529,7 @@ class Store:
         d = self.deliveries
         result = await connection.execute(
             update(d)
-            .where(d.c.id.in_(ids), d.c.status == DEAD)
+            .where(_among(connection, d.c.id, ids), d.c.status == DEAD)
             .values(status=PENDING, attempts=0, due_at=now(), finished_at=None)
         )
         if result.rowcount:
@@ -537,7 +542,7 @@ class Store:
         not_running = or_(d.c.lease_expires.is_(None), d.c.lease_expires < now())
         result = await connection.execute(
             update(d)
-            .where(d.c.id.in_(ids), d.c.status.in_(UNFINISHED), not_running)
+            .where(_among(connection, d.c.id, ids), d.c.status.in_(UNFINISHED), not_running)
             .values(_finished(DISCARDED, now()))
         )
         if result.rowcount:  # a key's later deliveries may be free now
@@ -598,11 +603,19 @@ _LOCK_KEYS = text(
 )
 
 
-def _table_name(connection: AsyncConnection, table: Table) -> str:
+def _table_name(connection: Connection, table: Table) -> str:
     return connection.dialect.identifier_preparer.format_table(table)
 
 
-def _claim_statement(d: Table) -> Any:
+def _among(connection: AsyncConnection, column: Any, ids: Sequence[int]) -> Any:
+    """``column IN ids``; on PostgreSQL ``= ANY(array)``: one parameter, whatever the count,
+    instead of one each, rendered anew for every count."""
+    if connection.dialect.name == "postgresql":
+        return column == any_(bindparam("ids", list(ids), type_=ARRAY(BigInteger)))
+    return column.in_(ids)
+
+
+def _claim_statement(d: Table, *, postgres: bool) -> Any:
     earlier = d.alias("earlier")
     held_back = exists().where(
         earlier.c.handler == d.c.handler,
@@ -626,7 +639,13 @@ def _claim_statement(d: Table) -> Any:
     )
     return (
         update(d)
-        .where(d.c.id.in_(due.scalar_subquery()))
+        # PostgreSQL plans "id IN (subquery)" as a scan of the whole table; "= ANY(ARRAY(...))"
+        # goes by the primary key, however many finished rows are kept.
+        .where(
+            d.c.id == any_(func.array(due.scalar_subquery()))
+            if postgres
+            else d.c.id.in_(due.scalar_subquery())
+        )
         .values(
             attempts=d.c.attempts + 1,
             lease_token=bindparam("token"),

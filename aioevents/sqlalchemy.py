@@ -368,8 +368,10 @@ def _on_before_commit(session: Session) -> None:
                 unprepared = True
             else:
                 recorded._prepared = True
-    if unprepared or transaction.stored:
+    if unprepared:
         await_only(_run_before_commit(transaction))
+    if transaction.stored:  # last: what before-commit handlers recorded is written too
+        _write_stored(session, transaction)
 
 
 async def _run_before_commit(transaction: _Transaction) -> None:
@@ -382,11 +384,9 @@ async def _run_before_commit(transaction: _Transaction) -> None:
             continue
         await _run_before_handlers(recorded, transaction.session)
         recorded._prepared = True
-    if transaction.stored:
-        await _write_stored(transaction)
 
 
-async def _write_stored(transaction: _Transaction) -> None:
+def _write_stored(session: Session, transaction: _Transaction) -> None:
     """Write the durable deliveries, last thing before COMMIT, one outbox and bus at a time.
 
     Written here rather than when recorded: what a rolled-back savepoint recorded is never
@@ -399,11 +399,11 @@ async def _write_stored(transaction: _Transaction) -> None:
             if recorded.outcome is Outcome.PENDING:
                 key = (id(recorded._owner.outbox), id(recorded._stored.bus))
                 groups.setdefault(key, []).append(recorded)
-    connection = await transaction.session.connection()
+    connection = session.connection()
     for group in groups.values():
         outbox = group[0]._owner.outbox
         assert outbox is not None
-        handover = await outbox._write(connection, [r._stored for r in group])  # type: ignore[misc]
+        handover = outbox._write(connection, [r._stored for r in group])  # type: ignore[misc]
         for recorded in group:  # only now: a commit retried after a failed write writes again
             recorded._written = True
         if handover is not None:
