@@ -27,14 +27,15 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from contextvars import ContextVar, copy_context
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Self
 
 import anyio
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._bus import EventBus
 from ._codec import Codec, EventDecodeError
@@ -238,6 +239,16 @@ class Relay:
     def _handlers(self) -> Mapping[str, Subscription]:
         return self.bus.durable_handlers
 
+    @asynccontextmanager
+    async def _statement(self) -> AsyncIterator[AsyncConnection]:
+        """A connection in autocommit mode, committed all the same at the end: a "begin"
+        hook of the application's (SQLAlchemy's recipe for SQLite issues BEGIN there) may
+        have opened a transaction that autocommit would not end. Without one it costs
+        nothing: the driver has nothing to commit."""
+        async with self._statements.connect() as connection:
+            yield connection
+            await connection.commit()
+
     # -- claiming --------------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
@@ -269,7 +280,7 @@ class Relay:
         try:
             # Shielded: a claim cut short after its COMMIT would leave its leases unknown here.
             with anyio.CancelScope(shield=True):
-                async with self._statements.connect() as connection:
+                async with self._statement() as connection:
                     claimed = await self._store.claim(
                         connection, handlers, self.token, self._settings.lease, limit
                     )
@@ -410,7 +421,7 @@ class Relay:
         self, completed: list[int], failures: list[Failure], released: list[int]
     ) -> int:
         store, token = self._store, self.token
-        async with self._statements.connect() as connection:
+        async with self._statement() as connection:
             written = 0
             if completed:
                 keep = self._settings.keep_completed is not None
@@ -449,7 +460,7 @@ class Relay:
                 # Shielded, as every transaction here: a statement cut short invalidates its
                 # connection (and on aiosqlite its close never ends); a stop waits for it.
                 with anyio.CancelScope(shield=True):
-                    async with self._statements.connect() as connection:
+                    async with self._statement() as connection:
                         still = await self._store.renew(connection, held, self.token, lease)
             except Exception as exc:
                 logger.warning("relay: renewing %d lease(s) failed: %r", len(held), exc)
@@ -504,7 +515,7 @@ class Relay:
         while True:
             try:
                 with anyio.CancelScope(shield=True):
-                    async with self._statements.connect() as connection:
+                    async with self._statement() as connection:
                         await self._store.purge(connection, now() - keep)
             except Exception as exc:
                 logger.warning("relay: the retention sweep failed: %r", exc)
