@@ -22,7 +22,7 @@ from ._codec import Codec, uuid7
 from ._exceptions import AioEventsError, ConfigurationError
 from ._names import event_name, event_version
 from ._outbox_relay import Delivery, Job, Relay, RelaySettings, current_delivery
-from ._outbox_store import NewDelivery, NewEvent, Store, now
+from ._outbox_store import NewDelivery, NewEvent, Store, lock_keys, now
 
 __all__ = [
     "DeliveryRecord",
@@ -31,6 +31,7 @@ __all__ = [
     "NotInDeliveryError",
     "Outbox",
     "StoredEvent",
+    "lock_keys",
 ]
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -75,15 +76,17 @@ class DeliveryRecord:
     error_traceback: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StoredEvent:
     """What `TransactionalEvents.record` prepared for the outbox: written before COMMIT."""
 
     row: NewEvent
     handlers: tuple[str, ...]
     bus: EventBus
+    outbox: Outbox
     event: object
     headers: dict[str, str]
+    written: bool = False  # a commit retried after a failed write writes it again
 
 
 class Outbox:
@@ -224,7 +227,7 @@ class Outbox:
             headers=self.codec.encode_headers(checked_headers),
             recorded_at=now(),
         )
-        return StoredEvent(row, handlers, bus, event, checked_headers)
+        return StoredEvent(row, handlers, bus, self, event, checked_headers)
 
     def _write(self, connection: Connection, stored: Sequence[StoredEvent]) -> Handover | None:
         """Write recorded events and their deliveries into the committing transaction; lease

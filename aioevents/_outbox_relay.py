@@ -142,6 +142,7 @@ class Relay:
         self._write_wanted = asyncio.Event()
         self._workers_left = 0
         self._workers_done = asyncio.Event()
+        self._known: Mapping[str, Subscription] | None = None  # handlers the codec knows
         self._starved = False  # the fetcher waits for room: wake it when some is made
         self._key_freed = False  # a keyed delivery completed: its key's next may be due
         self._accepting = False
@@ -183,7 +184,7 @@ class Relay:
             raise BusStateError("the outbox's relay runs on asyncio (SQLAlchemy's asyncio)")
         if self._group is not None:
             raise BusStateError(f"{self!r} has run already: make another with outbox.relay(bus)")
-        self._codec.register(*{sub.event_type for sub in self._handlers().values()})
+        self._handlers()  # the codec learns their event types
         self._group = anyio.create_task_group()
         await self._group.__aenter__()
         self._accepting = True
@@ -237,7 +238,11 @@ class Relay:
                 services.start_soon(self._purge_loop)
 
     def _handlers(self) -> Mapping[str, Subscription]:
-        return self.bus.durable_handlers
+        handlers = self.bus.durable_handlers
+        if handlers is not self._known:  # subscribed since: their events become decodable
+            self._codec.register(*{sub.event_type for sub in handlers.values()})
+            self._known = handlers
+        return handlers
 
     @asynccontextmanager
     async def _statement(self) -> AsyncIterator[AsyncConnection]:

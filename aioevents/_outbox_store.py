@@ -60,7 +60,16 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["Claimed", "Failure", "NewDelivery", "NewEvent", "Store", "now", "traceback_text"]
+__all__ = [
+    "Claimed",
+    "Failure",
+    "NewDelivery",
+    "NewEvent",
+    "Store",
+    "lock_keys",
+    "now",
+    "traceback_text",
+]
 
 PENDING, COMPLETED, DEAD, DISCARDED = "pending", "completed", "dead", "discarded"
 UNFINISHED = (PENDING, DEAD)  # what holds back the later deliveries of its handler and key
@@ -224,6 +233,17 @@ def _listen_for_new_deliveries(deliveries: Table, schema: str | None, prefix: st
     )
 
 
+def lock_keys(connection: Connection, keys: Iterable[str]) -> None:
+    """PostgreSQL: take the transaction-scoped advisory locks of ``keys``, held to COMMIT.
+
+    All of a transaction's keys in one statement, in one order: two transactions never wait
+    for each other's locks (a deadlock). Ids then follow commit order within a key.
+    """
+    locks = sorted({key_lock_id(key) for key in keys})
+    if locks and connection.dialect.name == "postgresql":
+        connection.execute(_LOCK_KEYS, {"locks": locks})
+
+
 def key_lock_id(key: str) -> int:
     """A signed 64-bit advisory lock id for a key: two keys that collide merely share it."""
     digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"aioevents").digest()
@@ -264,9 +284,6 @@ class Store:
         """
         postgres = connection.dialect.name == "postgresql"
         keys = sorted({d.key for d in deliveries if d.key is not None})
-        if postgres and keys:  # in order: two transactions never wait for each other's locks
-            locks = sorted(set(map(key_lock_id, keys)))
-            connection.execute(_LOCK_KEYS, {"locks": locks})
         leased = self._leasable(deliveries, self._blocked(connection, keys), lease)
         token, expires = lease if lease is not None else (None, None)
         at = now()

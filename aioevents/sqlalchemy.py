@@ -80,7 +80,7 @@ from ._bus import EventBus
 from ._checks import check_instance
 from ._exceptions import AioEventsError, ConfigurationError
 from ._names import event_name, handler_name
-from ._outbox import Handover, Outbox, StoredEvent
+from ._outbox import Handover, Outbox, StoredEvent, lock_keys
 from ._result import EmitResult
 
 __all__ = ["NoTransactionError", "Outcome", "Recorded", "TransactionalEvents"]
@@ -131,7 +131,6 @@ class Recorded(Generic[E]):
         "_scope",
         "_stored",
         "_succeeded",
-        "_written",
         "event",
         "outcome",
         "result",
@@ -148,7 +147,6 @@ class Recorded(Generic[E]):
         self.outcome = Outcome.PENDING
         self.result: EmitResult | None = None
         self._stored = stored  # what the outbox writes before COMMIT; None without durables
-        self._written = False  # a commit retried after a failure does not write it twice
         self._owner = owner
         self._scope = scope  # the transaction it was recorded in, and that one's ancestors
         self._prepared = False  # its before-commit handlers have run
@@ -393,19 +391,21 @@ def _write_stored(session: Session, transaction: _Transaction) -> None:
     written, a keyed event's lock is held only from here to COMMIT, and one statement per
     transaction writes them all.
     """
-    groups: dict[tuple[int, int], list[Recorded[Any]]] = {}
+    groups: dict[tuple[int, int], list[StoredEvent]] = {}
     for recorded in transaction.records:
-        if recorded._stored is not None and not recorded._written:
+        stored = recorded._stored
+        if stored is not None and not stored.written:
             if recorded.outcome is Outcome.PENDING:
-                key = (id(recorded._owner.outbox), id(recorded._stored.bus))
-                groups.setdefault(key, []).append(recorded)
+                key = (id(recorded._owner.outbox), id(stored.bus))
+                groups.setdefault(key, []).append(stored)
     connection = session.connection()
+    # Every key of the transaction at once, whichever outbox or bus recorded it.
+    lock_keys(connection, (s.row.key for group in groups.values() for s in group if s.row.key))
     for group in groups.values():
-        outbox = group[0]._owner.outbox
-        assert outbox is not None
-        handover = outbox._write(connection, [r._stored for r in group])  # type: ignore[misc]
-        for recorded in group:  # only now: a commit retried after a failed write writes again
-            recorded._written = True
+        outbox = group[0].outbox
+        handover = outbox._write(connection, group)
+        for stored in group:  # only now: a commit retried after a failed write writes again
+            stored.written = True
         if handover is not None:
             transaction.handovers.append((handover, outbox.engine))
     transaction.stored = 0

@@ -477,11 +477,6 @@ async def test_one_keys_events_recorded_together_are_delivered_in_recording_orde
 
 @pytest.mark.postgres
 @pytest.mark.asyncio
-@pytest.mark.xfail(
-    reason="key locks are taken per (outbox, bus) group, not once for the transaction: "
-    "crossed groups deadlock (/tmp/notes/outbox-tests.md, item 6)",
-    strict=True,
-)
 async def test_transactions_locking_keys_through_two_buses_do_not_deadlock(pg: Database) -> None:
     # Each transaction records through two buses (two TransactionalEvents on one session, as
     # documented), one key each, in crossed order: a key's lock taken per bus, in recording
@@ -1363,11 +1358,6 @@ async def test_a_relay_entered_again_runs_again_or_refuses(db: Database) -> None
 
 
 @pytest.mark.asyncio
-@pytest.mark.xfail(
-    reason="the relay registers its handlers' event types with the codec only when it starts: "
-    "a later durable handler's events end dead as unknown (/tmp/notes/outbox-tests.md, item 7)",
-    strict=True,
-)
 async def test_a_durable_handler_subscribed_while_the_relay_runs_gets_its_events(
     db: Database,
 ) -> None:
