@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 import time
@@ -17,7 +18,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ._bus import EventBus
-from ._checks import check_instance, check_positive_int, check_seconds
+from ._checks import check_flag, check_instance, check_positive_int, check_seconds
 from ._codec import Codec, uuid7
 from ._exceptions import AioEventsError, ConfigurationError
 from ._names import event_name, event_version
@@ -36,6 +37,7 @@ __all__ = [
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEY_LENGTH = 255  # the key column's size
+_A_DAY = 86_400.0
 
 
 class NotInDeliveryError(AioEventsError):
@@ -100,7 +102,9 @@ class Outbox:
     ``lease`` is how long a relay holds a delivery without renewing it, ``poll_interval`` how
     often relays look for due deliveries besides being woken, ``concurrency`` how many
     handlers a relay runs at once, ``batch_size`` how many deliveries it claims at a time.
-    Completed deliveries are kept ``keep_completed`` (None: deleted at completion).
+    Completed deliveries are kept ``keep_completed`` (None: deleted at completion). On
+    PostgreSQL with asyncpg a running relay holds one of the engine's pooled connections to
+    LISTEN for new deliveries; ``listen=False`` leaves it to the application and only polls.
     Tables are named ``table_prefix`` + ``events`` / ``deliveries`` / ``inbox``, in
     ``schema`` if given; `metadata` holds them (for Alembic).
     """
@@ -118,6 +122,7 @@ class Outbox:
         batch_size: int = 100,
         keep_completed: timedelta | None = timedelta(days=7),
         drain_timeout: float = 30.0,
+        listen: bool = True,
     ) -> None:
         check_instance(engine, AsyncEngine, "Outbox() takes an AsyncEngine")
         _check_identifier("table_prefix", table_prefix)
@@ -129,17 +134,23 @@ class Outbox:
         check_seconds("drain_timeout", drain_timeout)
         check_positive_int("concurrency", concurrency)
         check_positive_int("batch_size", batch_size)
+        check_flag("listen", listen)
         check_instance(
             keep_completed,
             timedelta,
             "Outbox(keep_completed=...) takes a timedelta or None",
             none=True,
         )
+        if keep_completed is not None and keep_completed < timedelta(0):
+            raise ConfigurationError(f"keep_completed must not be negative, got {keep_completed}")
+        for name, seconds in (("lease", lease), ("poll_interval", poll_interval)):
+            if seconds > _A_DAY:  # beyond, a lease's expiry overflows, or nobody notices
+                raise ConfigurationError(f"{name} is at most a day ({_A_DAY} s), got {seconds}")
         self.engine = engine
         self.codec = codec if codec is not None else Codec()
         self._store = Store(table_prefix, schema)
         self._settings = RelaySettings(
-            lease, poll_interval, concurrency, batch_size, keep_completed, drain_timeout
+            lease, poll_interval, concurrency, batch_size, keep_completed, drain_timeout, listen
         )
         self._local: dict[EventBus, Relay] = {}  # the relay each running bus runs
         self._attached: weakref.WeakSet[EventBus] = weakref.WeakSet()
@@ -174,14 +185,7 @@ class Outbox:
         settings = self._settings
         if concurrency is not None:
             check_positive_int("concurrency", concurrency)
-            settings = RelaySettings(
-                settings.lease,
-                settings.poll_interval,
-                concurrency,
-                settings.batch_size,
-                settings.keep_completed,
-                settings.drain_timeout,
-            )
+            settings = dataclasses.replace(settings, concurrency=concurrency)
         return Relay(bus, self.engine, self._store, self.codec, settings)
 
     def _attach(self, bus: EventBus) -> None:

@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._bus import EventBus
 from ._codec import Codec, EventDecodeError
-from ._dispatch import record_stray_cancellation, run_in_context
+from ._dispatch import record_stray_cancellation, run_in_context, run_to_the_end
 from ._exceptions import BusStateError
 from ._outbox_store import Claimed, Failure, Store, now
 from ._result import HandlerError
@@ -87,6 +87,7 @@ class RelaySettings:
     batch_size: int
     keep_completed: timedelta | None
     drain_timeout: float
+    listen: bool = True
 
 
 @dataclass(slots=True)
@@ -147,9 +148,11 @@ class Relay:
         self._key_freed = False  # a keyed delivery completed: its key's next may be due
         self._accepting = False
         self._group: Any = None
-        self._services = anyio.CancelScope()  # fetcher, listener, sweeper, renewer, writer
+        # Shielded scopes, as the bus's own workers: whatever cancels the task that entered
+        # the relay (a timeout, a failing sibling), only the relay's stop ends its tasks.
+        self._services = anyio.CancelScope(shield=True)  # listener, sweeper, renewer, writer
         self._workers: list[anyio.CancelScope] = []
-        self._fetcher = anyio.CancelScope()
+        self._fetcher = anyio.CancelScope(shield=True)
         self._fetcher_done = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -196,23 +199,25 @@ class Relay:
 
     async def __aexit__(self, *exc_info: object) -> None:
         try:
-            with anyio.CancelScope(shield=True):
-                await self._stop()
+            # To its end whatever cancels the owner meanwhile, a second native cancel too.
+            await run_to_the_end(self._stop(), what="the relay's stop")
         finally:
             if self._on_close is not None:
                 self._on_close(self)
-            # Outside the shield, which was entered after the group: scopes nest.
+            for scope in (self._fetcher, self._services, *self._workers):
+                scope.cancel()  # done already, unless the stop itself failed
             await self._group.__aexit__(None, None, None)
 
     async def _stop(self) -> None:
         self._accepting = False
-        # The fetcher first, and waited for: what a claim in flight gets is given back below.
-        self._fetcher.cancel()
-        await self._fetcher_done.wait()
+        # Before any await: no worker starts a queued delivery from here on.
         unstarted = [job.delivery.id for job in self._queue]
         self._queue.clear()
         self._released.extend(unstarted)
         self._job_ready.set()  # idle workers see the end
+        # The fetcher, waited for: what a claim in flight gets is given back below.
+        self._fetcher.cancel()
+        await self._fetcher_done.wait()
         with anyio.move_on_after(self._settings.drain_timeout):
             await self._workers_done.wait()
         if not self._workers_done.is_set():
@@ -295,6 +300,9 @@ class Relay:
         if claimed and not self._accepting:  # stopped meanwhile: given back at the final write
             self._released.extend(row.id for row in claimed)
         elif claimed:
+            # One this relay still runs, whose lease ran out while its loop stalled: the claim
+            # renewed the lease; running it twice at once here is what it must not do.
+            claimed = [row for row in claimed if row.id not in self._running]
             deadline = started + self._settings.lease
             self._queue.extend(_stored_job(row, deadline) for row in claimed)
             self._job_ready.set()
@@ -306,7 +314,7 @@ class Relay:
     # -- working ----------------------------------------------------------------------------
 
     async def _work(self) -> None:
-        scope = anyio.CancelScope()
+        scope = anyio.CancelScope(shield=True)
         self._workers.append(scope)
         try:
             with scope:
@@ -321,12 +329,10 @@ class Relay:
                 self._workers_done.set()
 
     async def _next_job(self) -> Job | None:
-        while not self._queue:
-            if not self._accepting:
-                return None
+        while self._accepting and not self._queue:
             self._job_ready.clear()
             await self._job_ready.wait()
-        return self._queue.popleft()
+        return self._queue.popleft() if self._accepting else None
 
     async def _run(self, job: Job) -> None:
         delivery = job.delivery
@@ -360,7 +366,8 @@ class Relay:
             self._released.append(delivery.id)
             raise
         finally:
-            del self._running[delivery.id]
+            if self._running.get(delivery.id) is job:
+                del self._running[delivery.id]
         if errors:
             assert sub.durable is not None
             dead = delivery.attempt >= sub.durable.max_attempts
@@ -486,7 +493,7 @@ class Relay:
             self._queue = deque(job for job in self._queue if job.delivery.id in still)
 
     async def _listen_loop(self) -> None:
-        if self._engine.dialect.driver != "asyncpg":
+        if not self._settings.listen or self._engine.dialect.driver != "asyncpg":
             return  # polling alone
         while True:
             try:

