@@ -258,6 +258,7 @@ class Store:
         self.events, self.deliveries, self.inbox = _tables(self.metadata, prefix, schema)
         self.channel = f"{prefix}deliveries"  # PostgreSQL NOTIFY channel
         self._claim = _claim_statement(self.deliveries, postgres=False)
+        self._any_due = _due_deliveries(self.deliveries)
         self._claim_joined = (
             _claim_statement(self.deliveries, postgres=True)
             .where(self.deliveries.c.event_id == self.events.c.id)
@@ -430,6 +431,8 @@ class Store:
         }
         if connection.dialect.name == "postgresql":  # the events ride along: one round trip
             rows = (await connection.execute(self._claim_joined, parameters)).all()
+        elif not (await connection.execute(self._any_due, parameters)).first():
+            return []  # SQLite: a read first, so that an idle relay's poll takes no write lock
         else:  # SQLite's RETURNING names only the updated table
             rows = (await connection.execute(self._claim, parameters)).all()
             rows = await self._with_events(connection, rows)
@@ -632,7 +635,8 @@ def _among(connection: AsyncConnection, column: Any, ids: Sequence[int]) -> Any:
     return column.in_(ids)
 
 
-def _claim_statement(d: Table, *, postgres: bool) -> Any:
+def _due_deliveries(d: Table) -> Any:
+    """The ids of the deliveries a claim may take, oldest first."""
     earlier = d.alias("earlier")
     held_back = exists().where(
         earlier.c.handler == d.c.handler,
@@ -640,7 +644,7 @@ def _claim_statement(d: Table, *, postgres: bool) -> Any:
         earlier.c.id < d.c.id,
         earlier.c.status.in_(UNFINISHED),
     )
-    due = (
+    return (
         select(d.c.id)
         .where(
             d.c.status == PENDING,
@@ -651,9 +655,12 @@ def _claim_statement(d: Table, *, postgres: bool) -> Any:
         )
         .order_by(d.c.id)
         .limit(bindparam("limit"))
-        # SQLite has no row locks and ignores this: one writer at a time there.
-        .with_for_update(skip_locked=True)
     )
+
+
+def _claim_statement(d: Table, *, postgres: bool) -> Any:
+    # SQLite has no row locks and ignores FOR UPDATE: one writer at a time there.
+    due = _due_deliveries(d).with_for_update(skip_locked=True)
     return (
         update(d)
         # PostgreSQL plans "id IN (subquery)" as a scan of the whole table; "= ANY(ARRAY(...))"
