@@ -116,6 +116,8 @@ def demo(session: nox.Session) -> None:
     session.install("-e", ".[examples]")
     session.run("python", "examples/quickstart.py")
     session.run("python", "-m", "examples.llm_platform")
+    # A worker process killed mid-delivery, a survivor finishing its work: nothing lost.
+    session.run("python", "-m", "examples.llm_platform", "--crash")
 
 
 @nox.session

@@ -71,7 +71,7 @@ SCENARIOS: dict[str, Callable[[Settings], Sequence[Verdict]]] = {
 }
 PACKAGES = (
     "aioevents", "anyio", "aiosignal", "blinker", "pyee", "bubus", "uvloop", "trio",
-    "sqlalchemy", "asyncpg", "redis",
+    "sqlalchemy", "asyncpg", "redis", "msgspec", "pgqueuer",
 )  # fmt: skip
 FULL = Settings(repetitions=101, target=0.04)
 QUICK = Settings(repetitions=3, target=0.01, quick=True)
