@@ -825,12 +825,19 @@ def at_suspension(number: int) -> Callable[[asyncio.Task[None]], Awaitable[None]
     return cancel
 
 
+@pytest.mark.postgres
 @pytest.mark.timeout(300)
 @pytest.mark.asyncio
-async def test_commits_cancelled_at_every_await_lose_nothing(database: Database) -> None:
+async def test_commits_cancelled_at_every_await_lose_nothing(postgres: Database) -> None:
     """Cancel the committing task at its first, second, third... await, until commits end
-    before the cancellation comes."""
-    s = await set_up(database, lease=1.0, poll_interval=0.1)
+    before the cancellation comes.
+
+    PostgreSQL only: on SQLite, a statement cancelled inside aiosqlite can leave its
+    connection holding the database lock until it is garbage-collected (SQLAlchemy and
+    aiosqlite do this for a plain ORM insert too), and the next write then fails with
+    "database is locked": upstream behaviour, not the outbox's. SQLite is still cancelled
+    at each named step of the commit in the test above."""
+    s = await set_up(postgres, lease=1.0, poll_interval=0.1)
     commits: list[Commit] = []
     async with s.bus:
         while not commits or not commits[-1].returned:
