@@ -28,7 +28,6 @@ from ._outbox_store import NewDelivery, NewEvent, Store, lock_keys, now
 __all__ = [
     "DeliveryRecord",
     "DeliveryStatus",
-    "Handover",
     "NotInDeliveryError",
     "Outbox",
     "StoredEvent",
@@ -233,7 +232,9 @@ class Outbox:
         )
         return StoredEvent(row, handlers, bus, self, event, checked_headers)
 
-    def _write(self, connection: Connection, stored: Sequence[StoredEvent]) -> Handover | None:
+    def _write(
+        self, connection: Connection, stored: Sequence[StoredEvent]
+    ) -> tuple[Relay, list[Job]] | None:
         """Write recorded events and their deliveries into the committing transaction; lease
         them to the bus's own relay if it runs and has room (handed over after COMMIT)."""
         bus = stored[0].bus
@@ -250,7 +251,7 @@ class Outbox:
         leased = self._store.record(connection, [item.row for item in stored], deliveries, lease)
         if relay is None or not leased:
             return None
-        return Handover(relay, _jobs(stored, deliveries, leased, deadline), self._store)
+        return relay, _jobs(stored, deliveries, leased, deadline)
 
     # -- operators --------------------------------------------------------------------------
 
@@ -318,24 +319,6 @@ class Outbox:
             raise NotInDeliveryError("first_time() is called from a durable handler's delivery")
         connection = await session.connection()
         return await self._store.first_time(connection, delivery.handler, delivery.event_id)
-
-
-@dataclass(slots=True)
-class Handover:
-    """Deliveries leased at COMMIT to the committing bus's relay, to hand it afterwards."""
-
-    relay: Relay
-    jobs: list[Job]
-    store: Store
-
-    async def hand_over(self, engine: AsyncEngine) -> None:
-        if self.relay.take(self.jobs):
-            return
-        # It stopped meanwhile: give them back at once rather than wait out the lease.
-        async with engine.begin() as connection:
-            ids = [job.delivery.id for job in self.jobs]
-            await self.store.release(connection, ids, self.relay.token)
-        self.relay.wake()
 
 
 def _jobs(

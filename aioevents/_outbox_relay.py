@@ -180,6 +180,14 @@ class Relay:
         self._job_ready.set()
         return True
 
+    async def hand_over(self, jobs: Sequence[Job]) -> None:
+        """`take` them; if it stopped meanwhile, give them back at once rather than leave
+        them to wait out their lease."""
+        if self.take(jobs):
+            return
+        async with self._statement() as connection:
+            await self._store.release(connection, [job.delivery.id for job in jobs], self.token)
+
     # -- running ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
@@ -304,7 +312,8 @@ class Relay:
             # renewed the lease; running it twice at once here is what it must not do.
             claimed = [row for row in claimed if row.id not in self._running]
             deadline = started + self._settings.lease
-            self._queue.extend(_stored_job(row, deadline) for row in claimed)
+            decode = self._codec.decode_headers
+            self._queue.extend(_stored_job(row, deadline, decode) for row in claimed)
             self._job_ready.set()
         return len(claimed)
 
@@ -534,7 +543,9 @@ class Relay:
             await anyio.sleep(_PURGE_EVERY)
 
 
-def _stored_job(claimed: Claimed, deadline: float) -> Job:
+def _stored_job(
+    claimed: Claimed, deadline: float, decode_headers: Callable[[str], dict[str, str]]
+) -> Job:
     delivery = Delivery(
         id=claimed.id,
         event_id=claimed.event_id,
@@ -542,7 +553,7 @@ def _stored_job(claimed: Claimed, deadline: float) -> Job:
         handler=claimed.handler,
         attempt=claimed.attempt,
         key=claimed.key,
-        headers=_LazyHeaders(claimed.headers),
+        headers=_LazyHeaders(claimed.headers, decode_headers),
         recorded_at=claimed.recorded_at,
     )
     return Job(delivery, deadline, stored=claimed)
@@ -551,17 +562,16 @@ def _stored_job(claimed: Claimed, deadline: float) -> Job:
 class _LazyHeaders(Mapping[str, str]):
     """Headers decoded when first read: most handlers never look."""
 
-    __slots__ = ("_decoded", "_text")
+    __slots__ = ("_decode", "_decoded", "_text")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, decode: Callable[[str], dict[str, str]]) -> None:
         self._text = text
+        self._decode = decode
         self._decoded: dict[str, str] | None = None
 
     def _headers(self) -> dict[str, str]:
         if self._decoded is None:
-            from msgspec.json import decode
-
-            self._decoded = decode(self._text, type=dict[str, str])
+            self._decoded = self._decode(self._text)
         return self._decoded
 
     def __getitem__(self, key: str) -> str:

@@ -60,7 +60,7 @@ from typing import Any, Generic, TypeVar
 
 try:
     from sqlalchemy import event as sa_event
-    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm import Session, SessionTransaction
     from sqlalchemy.util.concurrency import in_greenlet
 except ImportError as missing:
@@ -80,7 +80,8 @@ from ._bus import EventBus
 from ._checks import check_instance
 from ._exceptions import AioEventsError, ConfigurationError
 from ._names import event_name, handler_name
-from ._outbox import Handover, Outbox, StoredEvent, lock_keys
+from ._outbox import Outbox, StoredEvent, lock_keys
+from ._outbox_relay import Job, Relay
 from ._result import EmitResult
 
 __all__ = ["NoTransactionError", "Outcome", "Recorded", "TransactionalEvents"]
@@ -173,7 +174,7 @@ class _Transaction:
         self.records: list[Recorded[Any]] = []
         self.committed = False
         self.stored = 0  # how many records with durable handlers it has: written before COMMIT
-        self.handovers: list[tuple[Handover, AsyncEngine]] = []
+        self.handovers: list[tuple[Relay, list[Job]]] = []  # leased to a relay here
 
 
 class TransactionalEvents:
@@ -407,7 +408,7 @@ def _write_stored(session: Session, transaction: _Transaction) -> None:
         for stored in group:  # only now: a commit retried after a failed write writes again
             stored.written = True
         if handover is not None:
-            transaction.handovers.append((handover, outbox.engine))
+            transaction.handovers.append(handover)
     transaction.stored = 0
 
 
@@ -477,10 +478,10 @@ def _check_prepared(records: Sequence[Recorded[Any]]) -> None:
 
 
 async def _deliver(
-    records: Sequence[Recorded[Any]], handovers: Sequence[tuple[Handover, AsyncEngine]]
+    records: Sequence[Recorded[Any]], handovers: Sequence[tuple[Relay, list[Job]]]
 ) -> None:
-    for handover, engine in handovers:  # first: durable work starts while the rest runs
-        await handover.hand_over(engine)
+    for relay, jobs in handovers:  # first: durable work starts while the rest runs
+        await relay.hand_over(jobs)
     for index, recorded in enumerate(records):
         try:
             if recorded.outcome is Outcome.PENDING:
