@@ -29,9 +29,9 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from contextvars import ContextVar, copy_context
+from contextvars import copy_context
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Self
 
 import anyio
@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._bus import EventBus
 from ._codec import Codec, EventDecodeError
+from ._delivery import Delivery, _current, current_delivery
 from ._dispatch import record_stray_cancellation, run_in_context, run_to_the_end
 from ._exceptions import BusStateError
 from ._outbox_store import Claimed, Failure, Store, now
@@ -51,32 +52,6 @@ logger = logging.getLogger("aioevents.outbox")
 _PURGE_EVERY = 60.0  # seconds between retention sweeps
 _RETRY_WRITE_AFTER = 1.0  # seconds before writing outcomes again after a database error
 _WRITE_LINGER = 0.02  # seconds outcomes wait for others to be written with them
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """The stored delivery a durable handler is running: read it with `current_delivery`.
-
-    A handler is run at least once per delivery: ``event_id`` is what makes it idempotent
-    (see `Outbox.first_time`); ``attempt`` counts from 1.
-    """
-
-    id: int
-    event_id: uuid.UUID
-    event_name: str
-    handler: str
-    attempt: int
-    key: str | None
-    headers: Mapping[str, str]
-    recorded_at: datetime
-
-
-_current: ContextVar[Delivery | None] = ContextVar("aioevents_delivery", default=None)
-
-
-def current_delivery() -> Delivery | None:
-    """The delivery the calling durable handler runs for; None outside one."""
-    return _current.get()
 
 
 @dataclass(frozen=True, slots=True)
