@@ -439,6 +439,8 @@ class Consumer:
                 services.start_soon(self._trim_loop)
                 if self.streams.partitions is None:
                     services.start_soon(self._claim_loop)
+                else:
+                    services.start_soon(self._renew_loop)
 
     async def _stop(self) -> None:
         self._accepting = False
@@ -512,7 +514,7 @@ class Consumer:
     async def _claim_loop(self) -> None:
         """Take over what dead consumers left pending, and remove them once it is taken."""
         transport = self.streams.transport
-        while True:
+        while self._accepting:  # not while a stop drains: it would start new handlers
             await anyio.sleep(self.min_idle / 2)
             for feed in self._feeds:
                 for stream in feed.streams:
@@ -533,8 +535,8 @@ class Consumer:
 
     def _start(self, feed: _Feed, entry: Entry) -> None:
         slot = (entry.stream, feed.group, entry.id)
-        if slot in self._in_flight:  # reclaimed while this consumer still runs it
-            return
+        if slot in self._in_flight or not self._accepting:
+            return  # reclaimed while it still runs here; or got as a stop began: left pending
         scope = anyio.CancelScope()
         self._in_flight[slot] = scope
         self._jobs.start_soon(self._job, feed, entry, scope, slot)
@@ -561,7 +563,6 @@ class Consumer:
             try:
                 live = await transport.heartbeat(feed.heartbeat_key, self.name, self.min_idle)
                 share = math.ceil(partitions / max(1, len(live)))
-                await self._renew(feed)
                 self._shed(feed, share)
                 first = live.index(self.name) * share if self.name in live else 0
                 for offset in range(partitions):
@@ -570,23 +571,31 @@ class Consumer:
                         break
                     await self._take(feed, (first + offset) % partitions)
             except Exception as exc:
-                logger.warning("%r: renewing partition leases failed: %r", self, exc)
+                logger.warning("%r: taking partitions failed: %r", self, exc)
             await anyio.sleep(self.min_idle / 3)
 
     def _lease(self, feed: _Feed, partition: int) -> str:
         return f"{feed.streams[partition]}:lease:{feed.group}"
 
-    async def _renew(self, feed: _Feed) -> None:
-        transport = self.streams.transport
-        for (group, partition), holder in list(self._holders.items()):
-            if group != feed.group or holder.lost:
-                continue  # one being given back is renewed until its current entry is done
-            if not await transport.acquire_lease(
-                self._lease(feed, partition), self.name, self.min_idle
-            ):
-                logger.warning("%r lost partition %d of %s", self, partition, group)
-                holder.active, holder.lost = False, True
-                holder.reading.cancel()
+    async def _renew_loop(self) -> None:
+        """Renew the leases of the partitions held, until the last holder is done: a
+        service, so it goes on while a stop drains them."""
+        feeds = {feed.group: feed for feed in self._feeds}
+        while True:
+            await anyio.sleep(self.min_idle / 3)
+            try:
+                for (group, partition), holder in list(self._holders.items()):
+                    if not holder.lost:  # one being given back too, until it is done
+                        await self._renew(feeds[group], partition, holder)
+            except Exception as exc:
+                logger.warning("%r: renewing partition leases failed: %r", self, exc)
+
+    async def _renew(self, feed: _Feed, partition: int, holder: _Holder) -> None:
+        lease = self._lease(feed, partition)
+        if not await self.streams.transport.acquire_lease(lease, self.name, self.min_idle):
+            logger.warning("%r lost partition %d of %s", self, partition, feed.group)
+            holder.active, holder.lost = False, True
+            holder.reading.cancel()
 
     def _shed(self, feed: _Feed, share: int) -> None:
         """Give back partitions beyond a fair share, once their current entry is done."""
