@@ -360,7 +360,15 @@ class Workers:
     """The worker processes of one test; only those it started are signalled, by their PID.
 
     ``environment`` is what tests/streams_worker_app.py reads (see its `environment`); each
-    worker's output goes to ``logs/worker-<n>.log``.
+    worker's output goes to ``logs/worker-<n>.log``. As a context manager it kills the
+    workers still running at its end, whatever happened::
+
+        with Workers(environment(server.url, prefix, ledger), tmp_path / "logs") as workers:
+            first, second, third = workers.start_many(3)
+            ...
+            workers.kill(first)  # kill -9
+            ...
+            assert set((await workers.stop()).values()) == {0}  # SIGTERM: drained, exit 0
     """
 
     def __init__(self, environment: Mapping[str, str], logs: Path) -> None:
@@ -370,6 +378,12 @@ class Workers:
         self.started: list[subprocess.Popen[bytes]] = []
         self.killed: list[int] = []  # PIDs this test killed with SIGKILL
         self.terminated: list[int] = []  # PIDs this test sent SIGTERM
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill_survivors()
 
     def start(self, *arguments: str) -> subprocess.Popen[bytes]:
         """Start one worker; ``arguments`` go to the CLI (``--concurrency``, ``--handler``)."""
