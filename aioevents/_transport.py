@@ -147,9 +147,7 @@ class Transport(abc.ABC):
         """Acknowledge the entries: no longer pending, never delivered to the group again."""
 
     @abc.abstractmethod
-    async def dead_letter(
-        self, entry: Entry, group: str, *, dead_stream: str, reason: str
-    ) -> None:
+    async def dead_letter(self, entry: Entry, group: str, *, dead_stream: str, reason: str) -> None:
         """Append the entry with the group and reason to ``dead_stream``, and acknowledge it,
         together: either both happen or neither does."""
 
