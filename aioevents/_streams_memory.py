@@ -186,6 +186,8 @@ class MemoryStreams(Transport):
     async def dead_letter(self, entry: Entry, group: str, *, dead_stream: str, reason: str) -> None:
         await anyio.lowlevel.checkpoint()
         state = self._group(entry.stream, group)
+        if _id(entry.id) not in state.pending:  # acknowledged or dead already: not twice
+            return
         found = self._stream(dead_stream)  # a stream of its own, as on Redis
         letter_id = _text(_append(found, entry.envelope))
         self._letters[letter_id, dead_stream] = DeadLetter(
