@@ -13,6 +13,7 @@ MODULES = [
     "aioevents._names",
     "aioevents._policies",
     "aioevents._router",
+    "aioevents._streams_memory",
     "aioevents.testing",
 ]
 
