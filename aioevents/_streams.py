@@ -570,6 +570,11 @@ class Consumer:
                     if held >= share:
                         break
                     await self._take(feed, (first + offset) % partitions)
+                for group, partition in list(self._holders):
+                    if group == feed.group:  # dead holders of ours go, once left idle enough
+                        await transport.remove_idle_consumers(
+                            feed.streams[partition], group, idle=self.min_idle, keep=self.name
+                        )
             except Exception as exc:
                 logger.warning("%r: taking partitions failed: %r", self, exc)
             await anyio.sleep(self.min_idle / 3)
@@ -644,10 +649,6 @@ class Consumer:
             if not entries:
                 break
             await self._deliver_in_order(feed, holder, entries)
-        # What it left is taken: a dead holder can go from the group.
-        await self._try(
-            transport.remove_idle_consumers(stream, feed.group, idle=self.min_idle, keep=self.name)
-        )
         while holder.active:
             entries = []
             with holder.reading:
