@@ -118,6 +118,9 @@ def demo(session: nox.Session) -> None:
     session.run("python", "-m", "examples.llm_platform")
     # A worker process killed mid-delivery, a survivor finishing its work: nothing lost.
     session.run("python", "-m", "examples.llm_platform", "--crash")
+    # The heavy handlers in 2 workers fed from streams: worker processes on Redis when
+    # REDIS_URL is set, else 2 consumers in the demo's process (still no server needed).
+    session.run("python", "-m", "examples.llm_platform", "--workers", "2")
 
 
 @nox.session

@@ -9,6 +9,9 @@ database: its tables are created with the platform's, and the bus must run
 (``async with platform.bus:``) for this process's relay to deliver them. A process that
 records without running its bus leaves its deliveries to the relays of other processes
 (``python -m aioevents relay examples.llm_platform.worker:bus``).
+
+Given ``streams``, the platform leaves its heavy handlers to worker processes: their events are
+externalized to the streams, through the outbox, instead (see `offload`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from aioevents import EventBus, Hook
 from aioevents.outbox import Outbox
 from aioevents.sqlalchemy import TransactionalEvents
+from aioevents.streams import Streams, externalize
 
 from . import handlers
 from .cache import Cache, open_cache
@@ -36,12 +40,21 @@ LEASE = 30.0
 that died wait before another process runs them."""
 
 
-def build_bus(deps: Deps, *, hooks: Iterable[Hook] = (), indexing_pause: float = 0.0) -> EventBus:
+def build_bus(
+    deps: Deps,
+    *,
+    hooks: Iterable[Hook] = (),
+    indexing_pause: float = 0.0,
+    streams: Streams | None = None,
+) -> EventBus:
     """The bus with every handler of the platform subscribed (``indexing_pause``: see
-    `handlers.create_document_index.CreateDocumentIndex`)."""
+    `handlers.create_document_index.CreateDocumentIndex`); with ``streams``, the heavy ones
+    replaced by durable handlers that externalize their events to the streams."""
     bus = EventBus(hooks=hooks)
-    bus.include(handlers.router(deps, indexing_pause=indexing_pause))
+    bus.include(handlers.router(deps, indexing_pause=indexing_pause, heavy=streams is None))
     bus.include(handlers.provider_usage_router(deps))
+    if streams is not None:
+        externalize(bus, *handlers.HEAVY_EVENTS, streams=streams, durable=handlers.DURABLE)
     return bus
 
 
@@ -63,10 +76,12 @@ def wire_platform(
     hooks: Iterable[Hook] = (),
     lease: float = LEASE,
     indexing_pause: float = 0.0,
+    streams: Streams | None = None,
 ) -> Platform:
     """Everything wired on ``engine``; nothing opened, created or started."""
     sessions = session_factory(engine)
-    bus = build_bus(Deps(sessions, cache, throttle), hooks=hooks, indexing_pause=indexing_pause)
+    deps = Deps(sessions, cache, throttle)
+    bus = build_bus(deps, hooks=hooks, indexing_pause=indexing_pause, streams=streams)
     outbox = Outbox(engine, lease=lease)
     events = TransactionalEvents(bus, outbox=outbox)
     return Platform(engine, sessions, cache, bus, outbox, Services(sessions, events))
@@ -80,6 +95,7 @@ async def open_platform(
     throttle: PlatformThrottle | None = None,
     hooks: Iterable[Hook] = (),
     lease: float = LEASE,
+    streams: Streams | None = None,
 ) -> AsyncIterator[Platform]:
     """Create the platform's and the outbox's tables and wire everything on ``engine``;
     close the cache, throttle (in memory unless given) and engine after.
@@ -91,7 +107,7 @@ async def open_platform(
         throttle = PlatformThrottle.memory()
     try:
         await create_schema(engine)
-        platform = wire_platform(engine, cache, throttle, hooks=hooks, lease=lease)
+        platform = wire_platform(engine, cache, throttle, hooks=hooks, lease=lease, streams=streams)
         await platform.outbox.create_tables()
         yield platform
     finally:

@@ -8,15 +8,17 @@ step waits for them before it is printed. The exit status is 1 if any handler fa
 delivery was not completed.
 
 ``--crash`` instead runs `examples.llm_platform.crash`: a worker process killed in the middle
-of durable work, and a survivor that finishes it.
+of durable work, and a survivor that finishes it. ``--workers N`` runs the scenario with the
+heavy handlers in N workers fed from streams (`examples.llm_platform.workers_demo`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -50,6 +52,8 @@ class Report:
     # Handler name -> its place among the bus's subscriptions. An event's handlers run
     # concurrently and finish in any order: they are listed in this one, the same every run.
     order: dict[str, int] = field(default_factory=dict)
+    # What else a step waits for before it is printed (the workers, with --workers).
+    also_wait: Callable[[], Awaitable[None]] | None = None
     failures: int = 0
     _seen_runs: int = 0
     _seen_events: int = 0
@@ -60,6 +64,8 @@ class Report:
         # The durable handlers run on the relay after the COMMIT, concurrently: their runs
         # belong to this step too.
         await settled(self.outbox)
+        if self.also_wait is not None:
+            await self.also_wait()
         emitted = self.events[self._seen_events :]
         print(f"> {title}" + ("" if emitted else ": no event"))
         runs = self.recorder.runs[self._seen_runs :]
@@ -116,11 +122,18 @@ def subscription_order(platform: Platform) -> dict[str, int]:
     return order
 
 
-async def run_demo(platform: Platform, recorder: ChangeRecorder) -> int:
-    """Run the scenario on ``platform``, whose bus runs, and print the report."""
+async def run_demo(
+    platform: Platform,
+    recorder: ChangeRecorder,
+    *,
+    also_wait: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Run the scenario on ``platform``, whose bus runs, and print the report (``also_wait``:
+    what each step waits for besides the durable deliveries)."""
     started = datetime.now(UTC)
     with capture(platform.bus) as events:
-        report = Report(recorder, events, platform.outbox, subscription_order(platform))
+        order = subscription_order(platform)
+        report = Report(recorder, events, platform.outbox, order, also_wait)
         await run_scenario(platform.services, report.step, platform.cache.set)
     deliveries = await stored_deliveries(platform.outbox, since=started)
     report.print_summary(deliveries)
@@ -136,12 +149,26 @@ async def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="kill a worker process in the middle of durable work; a survivor finishes it",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="leave the heavy handlers to N workers fed from streams: worker processes on "
+        "Redis with REDIS_URL, else consumers in this process",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.ERROR, format="    | %(name)s: %(message)s"
     )
     if args.crash:
         return await run_crash_demo(verbose=args.verbose)
+    if args.workers is not None:
+        if args.workers < 1:
+            parser.error("--workers takes a number of workers, 1 or more")
+        from .workers_demo import run_workers_demo  # here: it imports this module
+
+        redis_url = os.environ.get("REDIS_URL") or None
+        return await run_workers_demo(args.workers, redis_url=redis_url, verbose=args.verbose)
     engine, cache = engine_and_cache_from_env()
     database = engine.url.render_as_string(hide_password=True)
     print(f"database: {database}; cache: {type(cache).__name__}")
@@ -149,12 +176,17 @@ async def main(argv: list[str] | None = None) -> int:
     recorder = ChangeRecorder()
     throttle = throttle_from_env()
     async with open_platform(engine, cache, throttle=throttle, hooks=[recorder]) as platform:
-        subscriptions = platform.bus.subscriptions
-        print("handlers: " + ", ".join(sorted({short_name(sub.name) for sub in subscriptions})))
-        durable = sorted(short_name(name) for name in platform.bus.durable_handlers)
-        print("durable, through the outbox: " + ", ".join(durable))
+        print_handlers(platform)
         async with platform.bus:  # runs the relay that delivers to the durable handlers
             return await run_demo(platform, recorder)
+
+
+def print_handlers(platform: Platform) -> None:
+    """The handlers on the platform's bus, and which of them are durable."""
+    subscriptions = platform.bus.subscriptions
+    print("handlers: " + ", ".join(sorted({short_name(sub.name) for sub in subscriptions})))
+    durable = sorted(short_name(name) for name in platform.bus.durable_handlers)
+    print("durable, through the outbox: " + ", ".join(durable))
 
 
 def run(argv: list[str] | None = None) -> Any:

@@ -10,6 +10,12 @@ Two more variables, for the crash demo (`examples.llm_platform.crash`): ``OUTBOX
 seconds (default `app.LEASE`), and ``INDEXING_PAUSE``, seconds per document indexed
 (default 0). Every delivery the process runs is logged, when it starts and when it ends
 (`DeliveryLog`): that is how the crash demo sees which process ran what.
+
+``heavy_bus`` is a worker of the heavy handlers, fed from streams on Redis (see `offload`):
+``python -m aioevents worker examples.llm_platform.worker:heavy_bus``. It reads ``REDIS_URL``
+(required: the streams), ``STREAMS_PREFIX`` (default `offload.STREAMS_PREFIX_DEFAULT`),
+``DATABASE_URL`` and ``DATABASE_SCHEMA``, and ``HANDLED_LEDGER``, a file to write what it
+handled to (`offload.FileLedger`; none if unset).
 """
 
 from __future__ import annotations
@@ -18,14 +24,24 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from aioevents import EventBus, Subscription
 from aioevents.outbox import Delivery, current_delivery
 
 from .app import LEASE, Platform, engine_and_cache_from_env, throttle_from_env, wire_platform
+from .db import session_factory
+from .deps import Deps
+from .offload import STREAMS_PREFIX_DEFAULT, FileLedger, open_streams, worker_bus
 
-# And ``bus``, made on first access (see __getattr__).
-__all__ = ["DELIVERY_LINE", "DeliveryLog", "LoggedDelivery", "parse_delivery_line"]
+# And ``bus`` and ``heavy_bus``, made on first access (see __getattr__).
+__all__ = [
+    "DELIVERY_LINE",
+    "DeliveryLog",
+    "LoggedDelivery",
+    "heavy_bus_from_env",
+    "parse_delivery_line",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -107,15 +123,32 @@ def platform_from_env() -> Platform:
     )
 
 
+def heavy_bus_from_env() -> EventBus:
+    redis_url = os.environ.get("REDIS_URL")
+    if not redis_url:
+        raise SystemExit("a worker of the heavy handlers reads streams on Redis: set REDIS_URL")
+    streams = open_streams(redis_url, os.environ.get("STREAMS_PREFIX") or STREAMS_PREFIX_DEFAULT)
+    engine, cache = engine_and_cache_from_env()
+    deps = Deps(session_factory(engine), cache, throttle_from_env())
+    ledger = os.environ.get("HANDLED_LEDGER")
+    bus, _ = worker_bus(deps, streams, ledger=FileLedger(Path(ledger)) if ledger else None)
+    return bus
+
+
 _platform: Platform | None = None
+_heavy_bus: EventBus | None = None
 
 
 def __getattr__(name: str) -> EventBus:
-    """``bus``, built from the environment on first access: importing the module (a test
-    reading `DELIVERY_LINE`) needs no database."""
-    global _platform
-    if name != "bus":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if _platform is None:
-        _platform = platform_from_env()
-    return _platform.bus
+    """``bus`` and ``heavy_bus``, built from the environment on first access: importing the
+    module (a test reading `DELIVERY_LINE`) needs no database."""
+    global _platform, _heavy_bus
+    if name == "bus":
+        if _platform is None:
+            _platform = platform_from_env()
+        return _platform.bus
+    if name == "heavy_bus":
+        if _heavy_bus is None:
+            _heavy_bus = heavy_bus_from_env()
+        return _heavy_bus
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,10 @@ COMMIT and the handler: indexing a document, cleaning up after a deleted documen
 and charging a message to its provider. Each is idempotent, as a handler that may run twice
 must be (see each module). The others rebuild what they own from the rows each time and are
 run in memory after the COMMIT, as before.
+
+Three of the durable ones are heavy (`heavy_router`, their events `HEAVY_EVENTS`): indexing a
+document, and cleaning up after a deleted document or dataset. A process can leave them to
+worker processes instead of running them (see `examples.llm_platform.offload`).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from .update_provider_when_message_created import (
     UpdateProviderWhenMessagesCreated,
 )
 
-__all__ = ["DURABLE", "provider_usage_router", "router"]
+__all__ = ["DURABLE", "HEAVY_EVENTS", "heavy_router", "provider_usage_router", "router"]
 
 BATCH_SIZE = 100
 BATCH_WAIT = 1.0  # seconds a message's quota may lag behind it in the batch variant
@@ -64,13 +68,22 @@ DURABLE = Durable(max_attempts=8, wait_initial=1.0, wait_max=60.0)
 minute (about 2 minutes in all); then the delivery is dead, kept with its error for an
 operator to resubmit or discard (`aioevents.outbox.Outbox.resubmit`)."""
 
+# The heavy ones: in the original each of these handlers only queues a Celery task, because
+# the work is long (indexing computes the embeddings of every segment; the clean-ups delete
+# vectors from the index store and files from storage) and must not hold up the web process.
+# The provider update is not heavy: an UPDATE or two per message, and the original runs it
+# in the request.
+HEAVY_EVENTS: tuple[type, ...] = (DocumentIndexCreated, DocumentWasDeleted, DatasetWasDeleted)
+"""The events of the heavy handlers (`heavy_router`), one handler each."""
 
-def router(deps: Deps, *, indexing_pause: float = 0.0) -> Router:
+
+def router(deps: Deps, *, indexing_pause: float = 0.0, heavy: bool = True) -> Router:
     """Every handler of the platform, built with ``deps``, for `EventBus.include`.
 
     The durable handlers are named: stored deliveries are addressed by handler name, which
     must outlive a rename or a move of the class (a default name is its module path).
-    ``indexing_pause``: see `CreateDocumentIndex`.
+    ``indexing_pause``: see `CreateDocumentIndex`. ``heavy=False`` leaves out the heavy
+    handlers (`heavy_router`): a process that externalizes their events to workers.
     """
     plugin_triggers = SyncPluginTriggerWhenAppCreated(deps)
     webhooks = SyncWebhookWhenAppCreated(deps)
@@ -90,23 +103,35 @@ def router(deps: Deps, *, indexing_pause: float = 0.0) -> Router:
     routes.add(
         AppPublishedWorkflowWasUpdated, UpdateAppDatasetJoinWhenAppPublishedWorkflowUpdated(deps)
     )
+    if heavy:
+        routes.add_router(heavy_router(deps, indexing_pause=indexing_pause))
+    return routes
+
+
+def heavy_router(
+    deps: Deps, *, indexing_pause: float = 0.0, durable: bool | Durable = DURABLE
+) -> Router:
+    """The heavy handlers, one for each of `HEAVY_EVENTS`: durable where the web process runs
+    them; ``durable=False`` in a worker fed from streams, whose consumer groups (named, like
+    the deliveries, after the handlers) retry them instead."""
+    routes = Router()
     routes.add(
         DocumentIndexCreated,
         CreateDocumentIndex(deps, pause=indexing_pause),
         name="create_document_index",
-        durable=DURABLE,
+        durable=durable,
     )
     routes.add(
         DocumentWasDeleted,
         CleanWhenDocumentDeleted(deps),
         name="clean_when_document_deleted",
-        durable=DURABLE,
+        durable=durable,
     )
     routes.add(
         DatasetWasDeleted,
         CleanWhenDatasetDeleted(deps),
         name="clean_when_dataset_deleted",
-        durable=DURABLE,
+        durable=durable,
     )
     return routes
 
