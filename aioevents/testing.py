@@ -2,19 +2,29 @@
 
 `capture` records what a bus emits within a block and asserts on it; `muted` runs a bus with
 some of its handlers switched off, for a test that wants the emitter without their effects.
+
+`TransportConformance` is the test kit every stream transport runs (see `aioevents.streams`):
+a pytest test class to subclass with a factory of the transport under test, which inherits
+tests of publishing, consumer groups, retries, reclaiming, dead letters, retention and per-key
+order. It needs pytest and msgspec (the extra ``streams``), so it is imported only when asked
+for (``from aioevents.testing import TransportConformance``): this module needs neither.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from ._bus import EventBus
 from ._checks import check_instance
 from ._exceptions import SubscriptionError
 from ._subscription import Subscription
 
+if TYPE_CHECKING:
+    from ._streams_kit import TransportConformance as TransportConformance
+
+# TransportConformance is left out of __all__: a star import must not pull in pytest.
 __all__ = ["CapturedEvents", "capture", "muted"]
 
 E = TypeVar("E")
@@ -135,3 +145,16 @@ def _subscriptions_of(
     if not subs:
         raise SubscriptionError(f"{handler!r} is not subscribed on {bus!r}")
     return subs
+
+
+def __getattr__(name: str) -> Any:
+    """`TransportConformance`, imported on first access (it needs pytest and msgspec)."""
+    if name == "TransportConformance":
+        from ._streams_kit import TransportConformance
+
+        return TransportConformance
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "TransportConformance"])
