@@ -15,7 +15,10 @@ nox.options.sessions = ["tests", "lint", "typing"]
 nox.options.error_on_external_run = True
 
 # Peers the benchmarks compare against: installed by the bench session only.
-BENCH_PEERS = ["aiosignal", "blinker", "pyee", "bubus", "uvloop", "trio", "pgqueuer"]
+BENCH_PEERS = [
+    "aiosignal", "blinker", "pyee", "bubus", "uvloop", "trio", "pgqueuer",
+    "faststream[redis]>=0.7.8",  # the 0.7 API: StreamSub(..., max_records), broker.context
+]  # fmt: skip
 OLDEST_MINOR = 11  # requires-python = ">=3.11"
 NEWEST_MINOR = 20  # far enough ahead that a new release is found without editing this file
 

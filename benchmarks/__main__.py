@@ -54,8 +54,14 @@ def _outbox(settings: Settings) -> Sequence[Verdict]:
     return bench_outbox.main(quick=settings.quick)
 
 
-# The last four need PostgreSQL (and provider-usage Redis); each says so and is skipped
-# when it cannot reach them.
+def _streams(settings: Settings) -> Sequence[Verdict]:
+    from . import bench_streams
+
+    return bench_streams.main(quick=settings.quick)
+
+
+# realistic, after-commit, provider-usage and outbox need PostgreSQL (provider-usage and
+# streams Redis); each says so and is skipped when it cannot reach them.
 SCENARIOS: dict[str, Callable[[Settings], Sequence[Verdict]]] = {
     "emit": bench_emit.main,
     "isolation": bench_isolation.main,
@@ -68,10 +74,11 @@ SCENARIOS: dict[str, Callable[[Settings], Sequence[Verdict]]] = {
     "after-commit": _after_commit,
     "provider-usage": _provider_usage,
     "outbox": _outbox,
+    "streams": _streams,
 }
 PACKAGES = (
     "aioevents", "anyio", "aiosignal", "blinker", "pyee", "bubus", "uvloop", "trio",
-    "sqlalchemy", "asyncpg", "redis", "msgspec", "pgqueuer",
+    "sqlalchemy", "asyncpg", "redis", "msgspec", "pgqueuer", "faststream",
 )  # fmt: skip
 FULL = Settings(repetitions=101, target=0.04)
 QUICK = Settings(repetitions=3, target=0.01, quick=True)
