@@ -307,13 +307,7 @@ async def faststream(client: redis.Redis, prefix: str, n: int) -> Run:
 
 def aioevents_case() -> Case:
     """The aioevents contender; raises (ImportError, ...) if the library cannot run it."""
-    # (ignored: the module is being written; the scenario runs without it)
-    from aioevents.redis_streams import (  # type: ignore[import-not-found, unused-ignore]
-        RedisStreams,
-        Streams,
-        consume,
-        current_entry,
-    )
+    from aioevents.redis_streams import RedisStreams, Streams, consume, current_entry
 
     async def run(client: redis.Redis, prefix: str, n: int) -> Run:
         streams_prefix = f"{prefix}:aioevents"
