@@ -154,6 +154,28 @@ async def test_publish_refuses_an_event_that_is_not_of_the_type_it_is_published_
     assert await _read_all(transport, [streams.stream(ReportWasFiled)]) == []
 
 
+@pytest.mark.xfail(strict=True, reason="kit.md #3")
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"headers": {"attempt": 1}}, "headers"),  # memory keeps the int, Redis too: not str
+        ({"headers": {1: "x"}}, "headers"),  # memory keeps 1, Redis gives back "1"
+        ({"headers": "tenant=a"}, "headers"),  # a ValueError from dict(), not a TypeError
+        ({"event_id": 5}, "event_id"),  # memory keeps 5, Redis gives back "5"
+    ],
+)
+async def test_publish_refuses_headers_and_event_ids_that_are_not_text(
+    arguments: dict[str, Any], message: str
+) -> None:
+    transport = MemoryStreams()
+    streams = streams_over(transport)
+    await transport.create_group(streams.stream(ReportWasFiled), "g")
+
+    with pytest.raises(TypeError, match=message):
+        await streams.publish(ReportWasFiled(number=1), **arguments)
+    assert await _read_all(transport, [streams.stream(ReportWasFiled)]) == []
+
+
 async def test_a_subclass_published_as_its_base_reaches_the_bases_handlers_as_itself() -> None:
     streams = streams_over()
     seen: list[tuple[object, str]] = []
@@ -247,6 +269,32 @@ async def test_consume_refuses_what_is_not_a_bus_streams_or_event_class() -> Non
 async def test_zero_drain_timeout_and_block_are_allowed() -> None:
     consumer = consume(EventBus(), ReportWasFiled, streams=streams_over(), drain_timeout=0, block=0)
     assert (consumer.drain_timeout, consumer.block) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "partitions",
+    [None, pytest.param(4, marks=pytest.mark.xfail(strict=True, reason="kit.md #4 (trio: #2)"))],
+)
+async def test_at_most_concurrency_handlers_run_at_once(partitions: int | None) -> None:
+    streams = streams_over(partitions=partitions)
+    running, most, done = 0, 0, []
+
+    async def handler(event: LineWasWritten) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await anyio.sleep(0.01)  # room for another to start, if one could
+        running -= 1
+        done.append(event.n)
+
+    bus = EventBus()
+    bus.subscribe(LineWasWritten, handler, name="on-line")
+    consume(bus, LineWasWritten, streams=streams, concurrency=2, **FAST)
+    async with bus:
+        for n in range(40):
+            await streams.publish(LineWasWritten(key=f"k{n % 8}", n=n), key=f"k{n % 8}")
+        await until(lambda: len(done) == 40, "all handled")
+    assert most <= 2
 
 
 async def test_a_handler_named_in_handlers_that_does_not_exist_fails_the_start() -> None:
