@@ -23,6 +23,7 @@ import random
 import secrets
 import socket
 import zlib
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar, copy_context
 from dataclasses import dataclass, field, replace
@@ -264,7 +265,6 @@ class _Holder:
     active: bool = True  # False: handle no further entry, then give the lease back
     lost: bool = False  # the lease ran out and another consumer took it
     reading: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    done: anyio.Event = field(default_factory=anyio.Event)
 
 
 class Consumer:
@@ -336,9 +336,11 @@ class Consumer:
     def _reset(self) -> None:
         self._accepting = False
         self._stopping = anyio.Event()
-        self._in_flight: dict[tuple[str, str, str], anyio.CancelScope] = {}
-        self._room = anyio.Event()
-        self._idle = anyio.Event()
+        # Entries this consumer holds, read and not yet done: queued or running.
+        self._in_flight: set[tuple[str, str, str]] = set()
+        self._queue: deque[tuple[_Feed, Entry]] = deque()
+        self._workers_left = 0
+        self._room, self._work, self._done = _Signal(), _Signal(), _Signal()
         self._acks: dict[tuple[str, str], list[str]] = {}
         self._ack_wanted = anyio.Event()
         self._holders: dict[tuple[str, int], _Holder] = {}
@@ -419,6 +421,10 @@ class Consumer:
     async def _run_workers(self, opened: anyio.Event) -> None:
         with self._workers:
             async with anyio.create_task_group() as self._jobs:
+                if self.streams.partitions is None:  # partitions have a holder each instead
+                    self._workers_left = self.concurrency
+                    for _ in range(self.concurrency):
+                        self._jobs.start_soon(self._work_loop)
                 opened.set()
                 await self._stopping.wait()  # then waits for the handlers still running
 
@@ -449,7 +455,10 @@ class Consumer:
         for holder in self._holders.values():
             holder.active = False
             holder.reading.cancel()
-        self._room.set()
+        # Read but not started: left pending, for the next consumer (one delivery more).
+        self._in_flight.difference_update(_slot(feed, entry) for feed, entry in self._queue)
+        self._queue.clear()
+        self._work.notify()
         with anyio.move_on_after(self.drain_timeout):
             await self._drained()
         if self._in_flight or self._holders:
@@ -467,14 +476,8 @@ class Consumer:
         await self._leave()
 
     async def _drained(self) -> None:
-        while self._in_flight or self._holders:
-            await self._idle.wait()
-
-    def _finished(self) -> None:
-        """A handler or a partition's holder ended: wake whoever waits for room or a drain."""
-        for event in (self._room, self._idle):
-            event.set()
-        self._room, self._idle = anyio.Event(), anyio.Event()
+        while self._in_flight or self._holders or self._workers_left:
+            await self._done.wait()
 
     async def _leave(self) -> None:
         transport = self.streams.transport
@@ -497,9 +500,9 @@ class Consumer:
         for stream in feed.streams:
             await self._retrying(transport.create_group, stream, feed.group)
         while True:
-            while len(self._in_flight) >= self.concurrency:
+            while self._room_left() <= 0:
                 await self._room.wait()
-            room = min(self.batch_size, self.concurrency - len(self._in_flight))
+            room = min(self.batch_size, self._room_left())
             entries = await self._retrying(
                 transport.read_new,
                 feed.streams,
@@ -518,7 +521,7 @@ class Consumer:
             await anyio.sleep(self.min_idle / 2)
             for feed in self._feeds:
                 for stream in feed.streams:
-                    room = self.concurrency - len(self._in_flight)
+                    room = self._room_left()
                     try:
                         if room > 0:
                             entries, gone = await transport.claim_idle(
@@ -533,23 +536,36 @@ class Consumer:
                     except Exception as exc:
                         logger.warning("%r: claiming idle entries failed: %r", self, exc)
 
+    def _room_left(self) -> int:
+        # A batch besides the running handlers: the next read overlaps the work on the last
+        # one, so workers do not wait for a round trip while entries are there.
+        return self.concurrency + self.batch_size - len(self._in_flight)
+
     def _start(self, feed: _Feed, entry: Entry) -> None:
-        slot = (entry.stream, feed.group, entry.id)
+        slot = _slot(feed, entry)
         if slot in self._in_flight or not self._accepting:
             return  # reclaimed while it still runs here; or got as a stop began: left pending
-        scope = anyio.CancelScope()
-        self._in_flight[slot] = scope
-        self._jobs.start_soon(self._job, feed, entry, scope, slot)
+        self._in_flight.add(slot)
+        self._queue.append((feed, entry))
+        self._work.notify()
 
-    async def _job(
-        self, feed: _Feed, entry: Entry, scope: anyio.CancelScope, slot: tuple[str, str, str]
-    ) -> None:
+    async def _work_loop(self) -> None:
         try:
-            with scope:
-                await self._deliver(feed, entry)
+            while True:
+                while not self._queue:
+                    if not self._accepting:
+                        return
+                    await self._work.wait()
+                feed, entry = self._queue.popleft()
+                try:
+                    await self._deliver(feed, entry)
+                finally:
+                    self._in_flight.discard(_slot(feed, entry))
+                    self._room.notify()
+                    self._done.notify()
         finally:
-            del self._in_flight[slot]
-            self._finished()
+            self._workers_left -= 1
+            self._done.notify()
 
     # -- reading (partitions: one holder per partition and group, in order) --------------------
 
@@ -629,8 +645,7 @@ class Consumer:
                 with anyio.CancelScope(shield=True):
                     await self._try(self.streams.transport.release_lease(lease, self.name))
             del self._holders[(feed.group, holder.partition)]
-            holder.done.set()
-            self._finished()
+            self._done.notify()
 
     async def _handle_partition(self, feed: _Feed, holder: _Holder) -> None:
         transport = self.streams.transport
@@ -669,12 +684,12 @@ class Consumer:
         for entry in entries:
             if holder.lost:
                 return
-            slot = (entry.stream, feed.group, entry.id)
-            self._in_flight[slot] = anyio.CancelScope()
+            slot = _slot(feed, entry)
+            self._in_flight.add(slot)
             try:
                 await self._deliver(feed, entry, holder)
             finally:
-                del self._in_flight[slot]
+                self._in_flight.discard(slot)
 
     # -- one entry -----------------------------------------------------------------------------
 
@@ -830,6 +845,29 @@ class Consumer:
                     logger.warning("%r: the transport failed, retrying: %r", self, exc)
             await anyio.sleep(delay)
             delay = min(_RETRY_MAX, delay * 2)
+
+
+class _Signal:
+    """Wakes every task waiting for a change; costs next to nothing when none waits."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+
+    def notify(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+    async def wait(self) -> None:
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+
+def _slot(feed: _Feed, entry: Entry) -> tuple[str, str, str]:
+    return entry.stream, feed.group, entry.id
 
 
 def _is_forwarder(sub: Subscription) -> bool:
