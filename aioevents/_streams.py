@@ -124,6 +124,9 @@ class Streams:
             raise TypeError(f"{event!r} is not a {event_type.__name__}")
         if key is not None and type(key) is not str:
             raise TypeError(f"key must be a str or None, got {key!r}")
+        if event_id is not None and type(event_id) is not str:
+            raise TypeError(f"event_id must be a str or None, got {event_id!r}")
+        headers = _checked_headers(headers)
         self.codec.register(event_type)
         envelope = Envelope(
             id=str(uuid7()) if event_id is None else event_id,
@@ -131,7 +134,7 @@ class Streams:
             version=event_version(type(event)),
             payload=self.codec.encode(event),
             key=key,
-            headers=dict(headers or {}),
+            headers=headers,
         )
         return await self.transport.publish(self._stream_for(event_type, envelope), envelope)
 
@@ -401,6 +404,7 @@ class Consumer:
         self._readers = anyio.CancelScope(shield=True)
         self._workers = anyio.CancelScope(shield=True)  # handlers and partition holders
         self._services = anyio.CancelScope(shield=True)
+        self._services_done = anyio.Event()
         self._group = anyio.create_task_group()
         await self._group.__aenter__()
         jobs_open = anyio.Event()
@@ -438,15 +442,21 @@ class Consumer:
                     readers.start_soon(reader, feed)
 
     async def _run_services(self) -> None:
-        with self._services:
-            async with anyio.create_task_group() as services:
-                services.start_soon(self._ack_loop)
-                services.start_soon(self._keep_loop)
-                services.start_soon(self._trim_loop)
-                if self.streams.partitions is None:
-                    services.start_soon(self._claim_loop)
-                else:
-                    services.start_soon(self._renew_loop)
+        try:
+            with self._services:
+                await self._services_running()
+        finally:
+            self._services_done.set()
+
+    async def _services_running(self) -> None:
+        async with anyio.create_task_group() as services:
+            services.start_soon(self._ack_loop)
+            services.start_soon(self._keep_loop)
+            services.start_soon(self._trim_loop)
+            if self.streams.partitions is None:
+                services.start_soon(self._claim_loop)
+            else:
+                services.start_soon(self._renew_loop)
 
     async def _stop(self) -> None:
         self._accepting = False
@@ -472,6 +482,7 @@ class Consumer:
             self._workers.cancel()
             await self._drained()
         self._services.cancel()
+        await self._services_done.wait()  # an acknowledgement it was writing is back in _acks
         await self._flush_acks(tries=_STOP_TRIES)
         await self._leave()
 
@@ -617,6 +628,7 @@ class Consumer:
             logger.warning("%r lost partition %d of %s", self, partition, feed.group)
             holder.active, holder.lost = False, True
             holder.reading.cancel()
+            self._room.notify()
 
     def _shed(self, feed: _Feed, share: int) -> None:
         """Give back partitions beyond a fair share, once their current entry is done."""
@@ -666,6 +678,7 @@ class Consumer:
             await self._deliver_in_order(feed, holder, entries)
         while holder.active:
             entries = []
+            holder.reading = anyio.CancelScope()  # one per read: trio allows no reuse
             with holder.reading:
                 entries = await self._retrying(
                     transport.read_new,
@@ -682,6 +695,8 @@ class Consumer:
         # not run would count a delivery it never had. Not when the lease is lost: those
         # left stay pending, and the next holder claims them, oldest first.
         for entry in entries:
+            while len(self._in_flight) >= self.concurrency and not holder.lost:
+                await self._room.wait()  # held partitions share the consumer's concurrency
             if holder.lost:
                 return
             slot = _slot(feed, entry)
@@ -690,6 +705,7 @@ class Consumer:
                 await self._deliver(feed, entry, holder)
             finally:
                 self._in_flight.discard(slot)
+                self._room.notify()
 
     # -- one entry -----------------------------------------------------------------------------
 
@@ -785,6 +801,9 @@ class Consumer:
                 logger.warning(
                     "%r: %d acknowledgement(s) not written: redelivered later", self, len(ids)
                 )
+            except BaseException:  # cut short by a stop: given back to its final flush
+                self._acks.setdefault((stream, group), []).extend(ids)
+                raise
 
     async def _keep_loop(self) -> None:
         """Reset the idle time of the entries this consumer works on, so that no other
@@ -868,6 +887,16 @@ class _Signal:
 
 def _slot(feed: _Feed, entry: Entry) -> tuple[str, str, str]:
     return entry.stream, feed.group, entry.id
+
+
+def _checked_headers(headers: object) -> dict[str, str]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping) or not all(
+        type(name) is str and type(value) is str for name, value in headers.items()
+    ):
+        raise TypeError(f"headers must be a mapping of str to str, got {headers!r}")
+    return dict(headers)
 
 
 def _is_forwarder(sub: Subscription) -> bool:
