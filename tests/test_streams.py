@@ -154,7 +154,6 @@ async def test_publish_refuses_an_event_that_is_not_of_the_type_it_is_published_
     assert await _read_all(transport, [streams.stream(ReportWasFiled)]) == []
 
 
-@pytest.mark.xfail(strict=True, reason="kit.md #3")
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -271,10 +270,7 @@ async def test_zero_drain_timeout_and_block_are_allowed() -> None:
     assert (consumer.drain_timeout, consumer.block) == (0, 0)
 
 
-@pytest.mark.parametrize(
-    "partitions",
-    [None, pytest.param(4, marks=pytest.mark.xfail(strict=True, reason="kit.md #4 (trio: #2)"))],
-)
+@pytest.mark.parametrize("partitions", [None, 4])
 async def test_at_most_concurrency_handlers_run_at_once(partitions: int | None) -> None:
     streams = streams_over(partitions=partitions)
     running, most, done = 0, 0, []
@@ -425,10 +421,6 @@ async def test_a_round_trip_with_retries_and_dead_letters(anyio_backend: str) ->
     assert (letter.group, letter.deliveries, letter.reason) == ("on-report", 3, "Broken: thirteen")
 
 
-@pytest.mark.parametrize(
-    "anyio_backend",
-    ["asyncio", pytest.param("trio", marks=pytest.mark.xfail(strict=True, reason="kit.md #2"))],
-)
 async def test_per_key_order_with_partitions(anyio_backend: str) -> None:
     transport = MemoryStreams()
     keys = [f"k{k}" for k in range(6)]
