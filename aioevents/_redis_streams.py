@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.exceptions
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from ._exceptions import ConfigurationError
 from ._transport import DeadLetter, Entry, Envelope, GroupInfo, Transport, Trimmed
@@ -318,11 +318,22 @@ class RedisStreams(Transport):
 
     A client whose ``socket_timeout`` is shorter than ``read_new``'s ``block`` times out
     while it waits: leave it unset, or longer than any block.
+
+    Made from a URL, the client's pool holds ``max_connections`` connections, and a call
+    waits for a free one rather than fail: every consumer's blocking read holds one for up to
+    its ``block``, and a burst of publishes must not fail for want of a connection. A client
+    given keeps its own pool: redis-py's default one fails a call at once past its size.
     """
 
-    def __init__(self, redis: Redis | str, *, max_len: int | None = 1_000_000) -> None:
+    def __init__(
+        self, redis: Redis | str, *, max_len: int | None = 1_000_000, max_connections: int = 100
+    ) -> None:
         self.max_len = _checked_max_len(max_len)
-        self._redis, self._owned = _client(redis)
+        if type(max_connections) is not int or max_connections < 1:
+            raise ConfigurationError(
+                f"RedisStreams(max_connections=...) must be an int >= 1, got {max_connections!r}"
+            )
+        self._redis, self._owned = _client(redis, max_connections)
         # redis-py leaves execute_command untyped; replies are parsed here, whatever they hold
         self._command = cast(Callable[..., Awaitable[Any]], self._redis.execute_command)
         scripts = self._redis.register_script
@@ -500,10 +511,13 @@ class RedisStreams(Transport):
 # Arguments
 
 
-def _client(client: object) -> tuple[Redis, bool]:
+def _client(client: object, max_connections: int) -> tuple[Redis, bool]:
     if isinstance(client, str):
         try:
-            return Redis.from_url(client), True
+            pool = BlockingConnectionPool.from_url(
+                client, max_connections=max_connections, timeout=None
+            )
+            return Redis.from_pool(pool), True
         except ValueError as exc:
             raise ConfigurationError(
                 f"RedisStreams() got a bad Redis URL {client!r}: {exc}"

@@ -8,6 +8,7 @@ throwaway redis-server of the test's own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -953,3 +954,28 @@ async def test_arguments_are_checked_before_anything_is_sent(
     async with RedisStreams(f"redis://127.0.0.1:{free_port()}/0") as transport:
         with pytest.raises(error, match=match):  # not ConnectionError: nothing was sent
             await call(transport)
+
+
+@on_redis
+async def test_calls_past_a_url_clients_pool_wait_for_a_connection(
+    redis_url: str, stream: str
+) -> None:
+    # Two connections, one held by a blocking read: 200 publishes at once all get through.
+    async with RedisStreams(redis_url, max_connections=2) as transport:
+        await transport.create_group(stream, "g")
+
+        async def read() -> list[Entry]:
+            return await transport.read_new([stream], "g", "c", count=1, block=5)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(read)
+            ids = await asyncio.gather(
+                *(transport.publish(stream, envelope(n)) for n in range(200))
+            )
+        assert len(set(ids)) == 200
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "10"])
+def test_max_connections_must_be_a_positive_int(bad: object) -> None:
+    with pytest.raises(ConfigurationError, match="max_connections"):
+        RedisStreams("redis://127.0.0.1:6379/0", max_connections=bad)  # type: ignore[arg-type]
