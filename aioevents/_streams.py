@@ -22,6 +22,7 @@ import os
 import random
 import secrets
 import socket
+import time
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -33,7 +34,7 @@ import anyio
 
 from ._bus import EventBus
 from ._checks import check_positive_int, check_seconds
-from ._codec import Codec, EventDecodeError, uuid7
+from ._codec import Codec, uuid7
 from ._delivery import current_delivery
 from ._dispatch import record_stray_cancellation, run_in_context, run_to_the_end
 from ._exceptions import ConfigurationError
@@ -52,6 +53,7 @@ _RETRY_MIN, _RETRY_MAX = 0.05, 2.0  # seconds between attempts to reach the tran
 _TRIM_EVERY = 5.0  # seconds between trims of a consumer's streams
 _READ_AHEAD_IN_ORDER = 10  # entries a partition's holder reads at once: it runs them all
 _STOP_TRIES = 5  # attempts at the final writes of a stop when the transport is unreachable
+_FINAL_WRITES = 5.0  # seconds a stop gives its last writes (acks, leaving) at most
 
 _current: ContextVar[Entry | None] = ContextVar("aioevents_entry", default=None)
 
@@ -85,6 +87,8 @@ class Streams:
             raise TypeError(f"prefix must be a non-empty str, got {prefix!r}")
         if partitions is not None:
             check_positive_int("partitions", partitions)
+        if codec is not None and not isinstance(codec, Codec):
+            raise TypeError(f"codec must be an aioevents.outbox.Codec, got {codec!r}")
         self.transport = transport
         self.prefix = prefix
         self.partitions = partitions
@@ -119,6 +123,8 @@ class Streams:
     ) -> str:
         """Append ``event`` to its stream (``as_type``'s, by default its own type's); return
         the entry id once the transport has it. Not transactional: see `externalize`."""
+        if isinstance(event, type):
+            raise TypeError(f"publish() takes an event, not the class {event.__name__}")
         event_type = type(event) if as_type is None else as_type
         if not isinstance(event, event_type):
             raise TypeError(f"{event!r} is not a {event_type.__name__}")
@@ -265,8 +271,15 @@ class _Holder:
     """A partition this consumer holds the lease of, and the task that handles it."""
 
     partition: int
+    expires: float  # time.monotonic() when the lease runs out unless renewed
     active: bool = True  # False: handle no further entry, then give the lease back
     lost: bool = False  # the lease ran out and another consumer took it
+
+    def holds(self) -> bool:
+        """Whether the lease is still this consumer's: not taken, and not run out here
+        (a renewal that failed or hangs must not let two holders run one partition)."""
+        return not self.lost and time.monotonic() < self.expires
+
     reading: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
 
@@ -313,12 +326,16 @@ class Consumer:
         check_positive_int("batch_size", batch_size)
         check_seconds("min_idle", min_idle)
         check_seconds("drain_timeout", drain_timeout, zero=True)
-        check_seconds("block", block, zero=True)
+        check_seconds("block", block)  # 0 would make every idle reader spin
         for name, seconds in (("wait_initial", wait_initial), ("wait_max", wait_max)):
             check_seconds(name, seconds, zero=True)
         check_seconds("wait_jitter", wait_jitter, zero=True)
         if isinstance(handlers, str):
             raise TypeError("handlers takes an iterable of handler names, not one str")
+        if handlers is not None:
+            handlers = list(handlers)
+            if not all(type(name) is str for name in handlers):
+                raise TypeError(f"handlers takes handler names (str), got {handlers!r}")
         self.bus = bus
         self.streams = streams
         self.event_types = tuple(event_types)
@@ -349,6 +366,7 @@ class Consumer:
         self._holders: dict[tuple[str, int], _Holder] = {}
         self._group: Any = None
         self._jobs: Any = None
+        self._fatal: BaseException | None = None
 
     def __repr__(self) -> str:
         names = ", ".join(event_name(t) for t in self.event_types)
@@ -374,7 +392,7 @@ class Consumer:
                     sub.event_type, event_type
                 )
                 wanted = self.handlers is None or sub.name in self.handlers
-                if related and wanted and sub.batch is None and not _is_forwarder(sub):
+                if related and wanted and not _is_forwarder(sub):
                     stream = self.streams.stream(event_type)
                     feeds.append(
                         _Feed(
@@ -385,6 +403,7 @@ class Consumer:
                             f"{stream}:consumers:{sub.name}",
                         )
                     )
+        _check_feeds(feeds, self.bus)
         missing = set(self.handlers or ()) - {feed.group for feed in feeds}
         if missing:
             raise ConfigurationError(
@@ -406,11 +425,9 @@ class Consumer:
         self._services = anyio.CancelScope(shield=True)
         self._services_done = anyio.Event()
         self._group = anyio.create_task_group()
+        # No await from here on: a cancellation must not leave the task group half entered.
         await self._group.__aenter__()
-        jobs_open = anyio.Event()
-        self._group.start_soon(self._run_workers, jobs_open)
-        await jobs_open.wait()
-        self._group.start_soon(self._run_readers)
+        self._group.start_soon(self._run_workers)  # which starts the readers
         self._group.start_soon(self._run_services)
         return self
 
@@ -421,15 +438,17 @@ class Consumer:
             for scope in (self._readers, self._workers, self._services):
                 scope.cancel()
             await self._group.__aexit__(None, None, None)
+        if self._fatal is not None:  # a handler's KeyboardInterrupt and the like, as itself
+            raise self._fatal
 
-    async def _run_workers(self, opened: anyio.Event) -> None:
+    async def _run_workers(self) -> None:
         with self._workers:
             async with anyio.create_task_group() as self._jobs:
                 if self.streams.partitions is None:  # partitions have a holder each instead
                     self._workers_left = self.concurrency
                     for _ in range(self.concurrency):
                         self._jobs.start_soon(self._work_loop)
-                opened.set()
+                self._group.start_soon(self._run_readers)  # holders start in self._jobs
                 await self._stopping.wait()  # then waits for the handlers still running
 
     async def _run_readers(self) -> None:
@@ -458,7 +477,8 @@ class Consumer:
             else:
                 services.start_soon(self._renew_loop)
 
-    async def _stop(self) -> None:
+    def _begin_stop(self) -> None:
+        """Read, claim and start nothing more; what runs finishes."""
         self._accepting = False
         self._stopping.set()
         self._readers.cancel()
@@ -469,6 +489,18 @@ class Consumer:
         self._in_flight.difference_update(_slot(feed, entry) for feed, entry in self._queue)
         self._queue.clear()
         self._work.notify()
+        self._room.notify()
+
+    def _crash(self, error: BaseException) -> None:
+        """A handler raised a BaseException (not a cancellation): stop, and raise it from
+        `__aexit__`, as the bus does with its background handlers'."""
+        if self._fatal is None:
+            self._fatal = error
+            logger.critical("%r stops: a handler raised %r", self, error)
+        self._begin_stop()
+
+    async def _stop(self) -> None:
+        self._begin_stop()
         with anyio.move_on_after(self.drain_timeout):
             await self._drained()
         if self._in_flight or self._holders:
@@ -482,9 +514,12 @@ class Consumer:
             self._workers.cancel()
             await self._drained()
         self._services.cancel()
-        await self._services_done.wait()  # an acknowledgement it was writing is back in _acks
-        await self._flush_acks(tries=_STOP_TRIES)
-        await self._leave()
+        # Bounded: a Redis that does not answer (stopped, a network gone) must not hold the
+        # stop forever; what is not written is redelivered, at least once.
+        with anyio.move_on_after(_FINAL_WRITES):
+            await self._services_done.wait()  # an acknowledgement it was writing is in _acks
+            await self._flush_acks(tries=_STOP_TRIES)
+            await self._leave()
 
     async def _drained(self) -> None:
         while self._in_flight or self._holders or self._workers_left:
@@ -570,6 +605,11 @@ class Consumer:
                 feed, entry = self._queue.popleft()
                 try:
                     await self._deliver(feed, entry)
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as exc:  # KeyboardInterrupt and the like: stays pending
+                    self._crash(exc)
+                    return
                 finally:
                     self._in_flight.discard(_slot(feed, entry))
                     self._room.notify()
@@ -623,8 +663,10 @@ class Consumer:
                 logger.warning("%r: renewing partition leases failed: %r", self, exc)
 
     async def _renew(self, feed: _Feed, partition: int, holder: _Holder) -> None:
-        lease = self._lease(feed, partition)
-        if not await self.streams.transport.acquire_lease(lease, self.name, self.min_idle):
+        lease, asked = self._lease(feed, partition), time.monotonic()
+        if await self.streams.transport.acquire_lease(lease, self.name, self.min_idle):
+            holder.expires = asked + self.min_idle
+        else:
             logger.warning("%r lost partition %d of %s", self, partition, feed.group)
             holder.active, holder.lost = False, True
             holder.reading.cancel()
@@ -641,20 +683,25 @@ class Consumer:
     async def _take(self, feed: _Feed, partition: int) -> None:
         if (feed.group, partition) in self._holders or not self._accepting:
             return
+        asked = time.monotonic()  # the lease runs from about now: a safe lower bound
         if await self.streams.transport.acquire_lease(
             self._lease(feed, partition), self.name, self.min_idle
         ):
-            holder = _Holder(partition)
+            holder = _Holder(partition, asked + self.min_idle)
             self._holders[(feed.group, partition)] = holder
             self._jobs.start_soon(self._hold, feed, holder)
 
     async def _hold(self, feed: _Feed, holder: _Holder) -> None:
         try:
             await self._handle_partition(feed, holder)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # a handler's KeyboardInterrupt and the like
+            self._crash(exc)
         finally:
             if not holder.lost:  # free it for the next holder now
                 lease = self._lease(feed, holder.partition)
-                with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(_FINAL_WRITES, shield=True):
                     await self._try(self.streams.transport.release_lease(lease, self.name))
             del self._holders[(feed.group, holder.partition)]
             self._done.notify()
@@ -663,7 +710,7 @@ class Consumer:
         transport = self.streams.transport
         stream = feed.streams[holder.partition]
         # First what the last holder left pending, oldest first: it comes before the rest.
-        while holder.active:
+        while holder.active and holder.holds():
             entries, gone = await self._retrying(
                 transport.claim_idle,
                 stream,
@@ -676,7 +723,7 @@ class Consumer:
             if not entries:
                 break
             await self._deliver_in_order(feed, holder, entries)
-        while holder.active:
+        while holder.active and holder.holds():
             entries = []
             holder.reading = anyio.CancelScope()  # one per read: trio allows no reuse
             with holder.reading:
@@ -695,48 +742,52 @@ class Consumer:
         # not run would count a delivery it never had. Not when the lease is lost: those
         # left stay pending, and the next holder claims them, oldest first.
         for entry in entries:
-            while len(self._in_flight) >= self.concurrency and not holder.lost:
+            while len(self._in_flight) >= self.concurrency and holder.holds():
                 await self._room.wait()  # held partitions share the consumer's concurrency
-            if holder.lost:
+            if not holder.holds():
                 return
             slot = _slot(feed, entry)
             self._in_flight.add(slot)
             try:
-                await self._deliver(feed, entry, holder)
+                done = await self._deliver(feed, entry, holder)
             finally:
                 self._in_flight.discard(slot)
                 self._room.notify()
+            if not done:  # it stays pending: the ones after it must wait for it
+                holder.active = False
+                return
 
     # -- one entry -----------------------------------------------------------------------------
 
-    async def _deliver(self, feed: _Feed, entry: Entry, holder: _Holder | None = None) -> None:
-        """Run the entry's handler until it succeeded, is dead, or this consumer stops."""
+    async def _deliver(self, feed: _Feed, entry: Entry, holder: _Holder | None = None) -> bool:
+        """Run the entry's handler until it succeeded or is dead (True), or this consumer
+        stops or lost it (False: it stays pending)."""
         envelope = entry.envelope
         try:
             event = self.streams.codec.decode(envelope.name, envelope.version, envelope.payload)
-        except EventDecodeError as exc:  # retrying would not help
+        except Exception as exc:  # retrying would not help, whatever the event's own checks raise
             await self._dead(feed, entry, f"{type(exc).__name__}: {exc}")
-            return
+            return True
         if not isinstance(event, feed.sub.event_type):  # a sibling type on the same stream
             await self._ack(feed, entry)
-            return
+            return True
         while True:
             errors = await self._run(feed.sub, event, entry)
             if not errors:
                 await self._ack(feed, entry)
-                return
+                return True
             if entry.deliveries >= self.max_deliveries:
                 await self._dead(feed, entry, _reason(errors[0].exception))
-                return
+                return True
             with anyio.move_on_after(self._backoff(entry.deliveries)):
                 await self._stopping.wait()
-            if not self._accepting or (holder is not None and holder.lost):
-                return  # left pending, for the next consumer or holder
+            if not self._accepting or (holder is not None and not holder.holds()):
+                return False  # left pending, for the next consumer or holder
             count = await self._retrying(
                 self.streams.transport.redeliver, entry.stream, feed.group, self.name, entry.id
             )
             if not count:  # another consumer took it meanwhile: its to run now
-                return
+                return False
             entry = replace(entry, deliveries=count)
 
     async def _run(self, sub: Subscription, event: object, entry: Entry) -> list[HandlerError]:
@@ -887,6 +938,24 @@ class _Signal:
 
 def _slot(feed: _Feed, entry: Entry) -> tuple[str, str, str]:
     return entry.stream, feed.group, entry.id
+
+
+def _check_feeds(feeds: Sequence[_Feed], bus: EventBus) -> None:
+    """A group per handler name: two handlers of one name would split its entries."""
+    seen: dict[tuple[str, str], Subscription] = {}
+    for feed in feeds:
+        if feed.sub.batch is not None or feed.sub.once:
+            what = "a batch handler" if feed.sub.batch is not None else "a once=True handler"
+            raise ConfigurationError(
+                f"{feed.group} is {what}: it cannot be fed from streams (name the handlers "
+                f"to feed with consume(..., handlers=[...]))"
+            )
+        earlier = seen.setdefault((feed.streams[0], feed.group), feed.sub)
+        if earlier is not feed.sub:
+            raise ConfigurationError(
+                f"two handlers on {bus!r} are named {feed.group!r}: each is a consumer group "
+                f"of its own, so give them names of their own (bus.on(..., name=...))"
+            )
 
 
 def _checked_headers(headers: object) -> dict[str, str]:
