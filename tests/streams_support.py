@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -54,6 +55,9 @@ AOF_DIRECTORY = "appendonlydir"  # Redis 7's multi-part AOF: a manifest, base an
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKER_COMMAND = [sys.executable, "-m", "aioevents", "worker", "tests.streams_worker_app:bus"]
 WORKER_STOP_DEADLINE = 90.0  # seconds for a worker to exit on SIGTERM (its drain_timeout is 30)
+WORKER_START_DEADLINE = 90.0  # seconds for a worker to import its bus and join its groups
+# what `python -m aioevents worker` logs once its consumer runs: its consumer name
+WORKER_RUNNING = re.compile(r"worker (\S+) running; groups: ")
 
 
 class RedisServerError(RuntimeError):
@@ -434,6 +438,24 @@ class Workers:
             await asyncio.sleep(0.05)
         return process.returncode
 
+    async def wait_running(
+        self, process: subprocess.Popen[bytes], within: float = WORKER_START_DEADLINE
+    ) -> str:
+        """Wait until the worker's consumer runs (its log says so); its consumer name, as in
+        the groups' consumer lists."""
+        self._own(process)
+        deadline = time.monotonic() + within
+        while True:
+            found = WORKER_RUNNING.search(self.log_text(process))
+            if found:
+                return found.group(1)
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"worker (pid {process.pid}) did not start running within {within:.0f} s "
+                    f"(exit code {process.poll()}):\n{self.log_tail(process)}"
+                )
+            await asyncio.sleep(0.05)
+
     async def stop(self, within: float = WORKER_STOP_DEADLINE) -> dict[int, int]:
         """SIGTERM every running worker, wait for all; their exit codes by PID."""
         running = self.running()
@@ -456,10 +478,12 @@ class Workers:
         for process in self.running():
             self.kill(process)
 
-    def log_tail(self, process: subprocess.Popen[bytes], lines: int = 40) -> str:
+    def log_text(self, process: subprocess.Popen[bytes]) -> str:
         index = self.started.index(process)
-        text = (self.logs / f"worker-{index}.log").read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        return (self.logs / f"worker-{index}.log").read_text(errors="replace")
+
+    def log_tail(self, process: subprocess.Popen[bytes], lines: int = 40) -> str:
+        return "\n".join(self.log_text(process).splitlines()[-lines:])
 
     def logs_tail(self, lines: int = 20) -> str:
         return "\n".join(

@@ -27,7 +27,7 @@ import os
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,7 @@ OPTIONS_VARIABLE = "AIOEVENTS_WORKER_OPTIONS"  # JSON: keyword arguments of cons
 
 JOB_HANDLER = "worker-test.run-job"
 STEP_HANDLER = "worker-test.log-step"
+GATE_POLL = 0.05  # seconds between a gated job's looks for its gate file
 
 # consume()'s options in the workers unless a test says otherwise. min_idle is short, so that
 # a killed worker's entries are reclaimed within seconds, but not so short that a worker
@@ -86,24 +87,29 @@ CONSUME_DEFAULTS: Mapping[str, Any] = {
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JobWasQueued:
     """Job ``number``: no order. Its handler takes ``seconds`` (so that it is in flight when a
-    worker is stopped) and fails its first ``failures`` deliveries."""
+    worker is stopped) and fails its first ``failures`` deliveries. With a ``gate`` (a file
+    path) it waits, started, until the file exists: the test holds it in flight for as long
+    as it needs, whatever the machine's speed, and lets it go by creating the file."""
 
     __event_name__ = "worker-test.job-was-queued"
 
     number: int
     seconds: float = 0.0
     failures: int = 0
+    gate: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StepWasTaken:
-    """Step ``n`` of ``key``: published in ``n`` order per key, handled in that order."""
+    """Step ``n`` of ``key``: published in ``n`` order per key, handled in that order. Its
+    handler takes ``seconds`` between its start and done lines (a kill can land in between)."""
 
     __event_name__ = "worker-test.step-was-taken"
     __event_key__ = "key"
 
     key: str
     n: int
+    seconds: float = 0.0
 
 
 class FailedOnPurpose(Exception):
@@ -215,6 +221,8 @@ def build(streams: Streams, ledger: Ledger, **options: Any) -> WorkerApp:
         ledger.write("start", JOB_HANDLER, f"job:{event.number}", entry)
         if entry.deliveries <= event.failures:
             raise FailedOnPurpose(f"job {event.number}, delivery {entry.deliveries}")
+        if event.gate:
+            await wait_for_gate(event.gate)
         if event.seconds:
             await anyio.sleep(event.seconds)
         ledger.write("done", JOB_HANDLER, f"job:{event.number}", entry)
@@ -222,6 +230,8 @@ def build(streams: Streams, ledger: Ledger, **options: Any) -> WorkerApp:
     async def log_step(event: StepWasTaken) -> None:
         entry = running_entry()
         ledger.write("start", STEP_HANDLER, f"{event.key}:{event.n}", entry)
+        if event.seconds:
+            await anyio.sleep(event.seconds)
         ledger.write("done", STEP_HANDLER, f"{event.key}:{event.n}", entry)
 
     bus.subscribe(JobWasQueued, run_job, name=JOB_HANDLER)
@@ -229,6 +239,18 @@ def build(streams: Streams, ledger: Ledger, **options: Any) -> WorkerApp:
     settings = {**CONSUME_DEFAULTS, **options}
     consumer = consume(bus, JobWasQueued, StepWasTaken, streams=streams, **settings)
     return WorkerApp(bus, streams, consumer, ledger)
+
+
+async def wait_for_gate(path: str) -> None:
+    """Until the file exists (a test made it): polled, since the test is another process."""
+    while True:
+        if _exists(path):
+            return
+        await anyio.sleep(GATE_POLL)
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)  # a stat: too quick to be worth a thread
 
 
 def running_entry() -> Entry:
@@ -271,23 +293,31 @@ def from_environment() -> WorkerApp:
 
 
 async def publish_all(
-    streams: Streams, events: Iterable[object], *, publishers: int = 50, within: float = 300.0
-) -> None:
+    streams: Streams,
+    events: Iterable[object],
+    *,
+    publishers: int = 50,
+    within: float = 300.0,
+    published: Callable[[], object] | None = None,
+) -> int:
     """Publish ``events`` from ``publishers`` concurrent tasks; each StepWasTaken with its key.
 
     One task publishes all the steps of a key, in the order given: that is their publish
     order. A publish that fails because Redis is down (or was restarted: redis-py's pooled
     connections fail once each) is tried again with the same event id, for up to ``within``
     seconds: an XADD that had gone through makes a second entry of the same event, which the
-    ledger shows as that event handled twice, never as one lost.
+    ledger shows as that event handled twice, never as one lost. ``published`` is called
+    after each event the transport took. Returns how many attempts failed (each retried).
     """
     queues: list[list[object]] = [[] for _ in range(publishers)]
     for index, event in enumerate(events):
         slot = zlib.crc32(event.key.encode()) if isinstance(event, StepWasTaken) else index
         queues[slot % publishers].append(event)
     deadline = time.monotonic() + within
+    retried = 0
 
     async def publish(queue: list[object]) -> None:
+        nonlocal retried
         for event in queue:
             key = event.key if isinstance(event, StepWasTaken) else None
             event_id = str(uuid7())
@@ -298,11 +328,15 @@ async def publish_all(
                 except OSError:
                     if time.monotonic() > deadline:
                         raise
+                    retried += 1
                     await anyio.sleep(0.1)
+            if published is not None:
+                published()
 
     async with anyio.create_task_group() as tasks:
         for queue in queues:
             tasks.start_soon(publish, queue)
+    return retried
 
 
 _app: WorkerApp | None = None
