@@ -478,18 +478,21 @@ class Consumer:
                 services.start_soon(self._renew_loop)
 
     def _begin_stop(self) -> None:
-        """Read, claim and start nothing more; what runs finishes."""
+        """Read and claim nothing more; what was read is run (within the drain timeout)."""
         self._accepting = False
         self._stopping.set()
         self._readers.cancel()
         for holder in self._holders.values():
             holder.active = False
             holder.reading.cancel()
+        self._work.notify()
+        self._room.notify()
+
+    def _give_up_queue(self) -> None:
         # Read but not started: left pending, for the next consumer (one delivery more).
         self._in_flight.difference_update(_slot(feed, entry) for feed, entry in self._queue)
         self._queue.clear()
-        self._work.notify()
-        self._room.notify()
+        self._done.notify()
 
     def _crash(self, error: BaseException) -> None:
         """A handler raised a BaseException (not a cancellation): stop, and raise it from
@@ -498,6 +501,7 @@ class Consumer:
             self._fatal = error
             logger.critical("%r stops: a handler raised %r", self, error)
         self._begin_stop()
+        self._give_up_queue()
 
     async def _stop(self) -> None:
         self._begin_stop()
@@ -512,6 +516,7 @@ class Consumer:
                 self.drain_timeout,
             )
             self._workers.cancel()
+            self._give_up_queue()
             await self._drained()
         self._services.cancel()
         # Bounded: a Redis that does not answer (stopped, a network gone) must not hold the
@@ -600,7 +605,7 @@ class Consumer:
             while True:
                 while not self._queue:
                     if not self._accepting:
-                        return
+                        return  # what was read is run first, even when stopping
                     await self._work.wait()
                 feed, entry = self._queue.popleft()
                 try:

@@ -526,7 +526,6 @@ async def test_sigterm_finishes_and_acks_in_flight_handlers(
     assert remaining_codes == {second.pid: 0}, workers.log_tail(second)
 
 
-@pytest.mark.xfail(strict=True, reason="faults.md #1")
 async def test_a_stopped_worker_leaves_nothing_pending_and_leaves_its_groups(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
