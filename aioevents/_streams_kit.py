@@ -604,6 +604,24 @@ class TransportConformance:
         assert sorted(seen) == [(number, 2) for number in range(10)]
         assert [(i.consumers, i.pending) for i in await transport.groups(stream)] == [(0, 0)]
 
+    async def test_a_consumer_reads_its_own_pending_entries_again(
+        self, make_streams: StreamsFactory, transport: Transport
+    ) -> None:
+        # A consumer back under its name (a restart that kept it) gets what it held, counted.
+        streams = make_streams()
+        stream, group = streams.stream(Happened), "kit.own-pending"
+        await transport.create_group(stream, group)
+        await publish_numbers(streams, range(4), tasks=1)
+        mine = await transport.read_new([stream], group, "kit-me", count=3, block=0)
+        await transport.read_new([stream], group, "kit-other", count=1, block=0)
+        await transport.ack(stream, group, [mine[0].id])
+        again = await transport.read_pending(stream, group, "kit-me", count=10)
+        assert [entry.id for entry in again] == [entry.id for entry in mine[1:]]
+        assert [entry.deliveries for entry in again] == [2, 2]
+        assert [entry.envelope for entry in again] == [entry.envelope for entry in mine[1:]]
+        [first] = await transport.read_pending(stream, group, "kit-me", count=1)
+        assert (first.id, first.deliveries) == (again[0].id, 3)
+
     # -- 6. poison --------------------------------------------------------------------------------
 
     @pytest.mark.parametrize("partitions", [None, 4])
