@@ -230,7 +230,10 @@ async def all_handled(streams: Streams, group: str, ledger: Ledger, numbers: Seq
 
 
 async def settled(streams: Streams) -> bool:
-    infos = await streams.groups(Job)
+    try:
+        infos = await streams.groups(Job)
+    except OSError:  # a pooled connection from before a Redis restart fails once: ask again
+        return False
     return bool(infos) and all(info.pending == 0 and info.lag == 0 for info in infos)
 
 
