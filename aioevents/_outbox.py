@@ -24,6 +24,7 @@ from ._exceptions import AioEventsError, ConfigurationError
 from ._names import event_name, event_version
 from ._outbox_relay import Delivery, Job, Relay, RelaySettings, current_delivery
 from ._outbox_store import NewDelivery, NewEvent, Store, lock_keys, now
+from ._sending import OUTBOX_SYSTEM, send_hooks, sending
 
 __all__ = [
     "DeliveryRecord",
@@ -221,15 +222,25 @@ class Outbox:
             self.codec.register(type(event))
             self._registered.add(type(event))
         checked_headers = _checked_headers(headers)
-        row = NewEvent(
-            id=uuid7(),
-            name=event_name(event),
-            version=event_version(event),
-            key=_event_key(event) if key is None else _checked_key(key),
-            payload=self.codec.encode(event),
-            headers=self.codec.encode_headers(checked_headers),
-            recorded_at=now(),
-        )
+        event_id, name = uuid7(), event_name(event)
+        # The bus's send hooks see the event staged; a trace context they add is stored.
+        with sending(
+            send_hooks(bus._hooks),
+            event,
+            system=OUTBOX_SYSTEM,
+            destination=name,
+            message_id=str(event_id),
+            headers=checked_headers,
+        ):
+            row = NewEvent(
+                id=event_id,
+                name=name,
+                version=event_version(event),
+                key=_event_key(event) if key is None else _checked_key(key),
+                payload=self.codec.encode(event),
+                headers=self.codec.encode_headers(checked_headers),
+                recorded_at=now(),
+            )
         return StoredEvent(row, handlers, bus, self, event, checked_headers)
 
     def _write(

@@ -325,6 +325,8 @@ class RedisStreams(Transport):
     given keeps its own pool: redis-py's default one fails a call at once past its size.
     """
 
+    system = "redis"
+
     def __init__(
         self, redis: Redis | str, *, max_len: int | None = 1_000_000, max_connections: int = 100
     ) -> None:

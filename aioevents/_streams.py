@@ -40,10 +40,11 @@ from ._dispatch import record_stray_cancellation, run_in_context, run_to_the_end
 from ._exceptions import ConfigurationError
 from ._names import event_name, event_version
 from ._result import HandlerError
+from ._sending import send_hooks, sending
 from ._subscription import Subscription
 from ._transport import DeadLetter, Entry, Envelope, GroupInfo, Transport
 
-__all__ = ["Consumer", "Streams", "consume", "current_entry", "externalize"]
+__all__ = ["Consumer", "Streams", "consume", "consuming", "current_entry", "externalize"]
 
 logger = logging.getLogger("aioevents.streams")
 T = TypeVar("T")
@@ -56,12 +57,20 @@ _STOP_TRIES = 5  # attempts at the final writes of a stop when the transport is 
 _FINAL_WRITES = 5.0  # seconds a stop gives its last writes (acks, leaving) at most
 
 _current: ContextVar[Entry | None] = ContextVar("aioevents_entry", default=None)
+# (group, transport's system) of the entry in _current: for tracing hooks, see consuming()
+_consuming: ContextVar[tuple[str, str] | None] = ContextVar("aioevents_consuming", default=None)
 
 
 def current_entry() -> Entry | None:
     """The stream entry the calling handler runs for (its envelope, headers, deliveries);
     None outside a handler fed by `consume`."""
     return _current.get()
+
+
+def consuming() -> tuple[str, str] | None:
+    """The group (handler name) and transport system `current_entry` is run for: a handler
+    emitting events from there sees the entry too, but does not run for it."""
+    return _consuming.get()
 
 
 class Streams:
@@ -71,6 +80,9 @@ class Streams:
     from one module. ``partitions=None`` makes one stream per event type, whose entries any
     consumer of a group takes (no order); ``partitions=N`` splits it into N streams by the
     key's hash (the event id's when it has none), each handled in order.
+
+    ``hooks`` are send hooks (such as `aioevents.otel.Tracing`) told of every `publish`;
+    ``externalize`` also tells its bus's hooks.
     """
 
     def __init__(
@@ -80,6 +92,7 @@ class Streams:
         prefix: str = "aioevents",
         partitions: int | None = None,
         codec: Codec | None = None,
+        hooks: Iterable[object] = (),
     ) -> None:
         if not isinstance(transport, Transport):
             raise TypeError(f"transport must be a Transport, got {transport!r}")
@@ -93,6 +106,7 @@ class Streams:
         self.prefix = prefix
         self.partitions = partitions
         self.codec = Codec() if codec is None else codec
+        self.hooks = _checked_send_hooks(hooks)
 
     def __repr__(self) -> str:
         return f"Streams({self.transport!r}, prefix={self.prefix!r}, partitions={self.partitions})"
@@ -123,6 +137,17 @@ class Streams:
     ) -> str:
         """Append ``event`` to its stream (``as_type``'s, by default its own type's); return
         the entry id once the transport has it. Not transactional: see `externalize`."""
+        return await self._publish(event, as_type, key, headers, event_id, self.hooks)
+
+    async def _publish(
+        self,
+        event: object,
+        as_type: type | None,
+        key: str | None,
+        headers: Mapping[str, str] | None,
+        event_id: str | None,
+        hooks: Iterable[object],
+    ) -> str:
         if isinstance(event, type):
             raise TypeError(f"publish() takes an event, not the class {event.__name__}")
         event_type = type(event) if as_type is None else as_type
@@ -134,21 +159,30 @@ class Streams:
             raise TypeError(f"event_id must be a str or None, got {event_id!r}")
         headers = _checked_headers(headers)
         self.codec.register(event_type)
-        envelope = Envelope(
-            id=str(uuid7()) if event_id is None else event_id,
-            name=event_name(event),
-            version=event_version(type(event)),
-            payload=self.codec.encode(event),
-            key=key,
-            headers=headers,
-        )
-        return await self.transport.publish(self._stream_for(event_type, envelope), envelope)
+        event_id = str(uuid7()) if event_id is None else event_id
+        stream = self._stream_for(event_type, event_id if key is None else key)
+        with sending(
+            send_hooks(hooks),
+            event,
+            system=self.transport.system,
+            destination=stream,
+            message_id=event_id,
+            headers=headers,  # what the hooks add (a trace context) goes in the envelope
+        ):
+            envelope = Envelope(
+                id=event_id,
+                name=event_name(event),
+                version=event_version(type(event)),
+                payload=self.codec.encode(event),
+                key=key,
+                headers=headers,
+            )
+            return await self.transport.publish(stream, envelope)
 
-    def _stream_for(self, event_type: type, envelope: Envelope) -> str:
+    def _stream_for(self, event_type: type, routing: str) -> str:
         stream = self.stream(event_type)
         if self.partitions is None:
             return stream
-        routing = envelope.id if envelope.key is None else envelope.key
         return f"{stream}:{zlib.crc32(routing.encode()) % self.partitions}"
 
     async def groups(self, *event_types: type) -> list[GroupInfo]:
@@ -186,7 +220,7 @@ def externalize(
         subs.append(
             bus.subscribe(
                 event_type,
-                _forwarder(streams, event_type),
+                _forwarder(bus, streams, event_type),
                 name=f"{_EXTERNALIZE}{event_name(event_type)}",
                 durable=durable,  # type: ignore[arg-type]  # checked by the bus
             )
@@ -194,18 +228,19 @@ def externalize(
     return tuple(subs)
 
 
-def _forwarder(streams: Streams, event_type: type) -> Callable[[Any], Awaitable[None]]:
+def _forwarder(
+    bus: EventBus, streams: Streams, event_type: type
+) -> Callable[[Any], Awaitable[None]]:
     async def forward(event: Any) -> None:
+        # The bus's send hooks and the streams' own (a hook given to both is told once).
+        hooks = (*bus._hooks, *streams.hooks)
         delivery = current_delivery()
         if delivery is None:  # emitted, not recorded: a new id, no key
-            await streams.publish(event, as_type=event_type)
+            await streams._publish(event, event_type, None, None, None, hooks)
             return
-        await streams.publish(
-            event,
-            as_type=event_type,
-            key=delivery.key,
-            headers=delivery.headers,
-            event_id=str(delivery.event_id),
+        # The outbox's headers go on; a send hook replaces the trace context among them.
+        await streams._publish(
+            event, event_type, delivery.key, delivery.headers, str(delivery.event_id), hooks
         )
 
     return forward
@@ -799,6 +834,7 @@ class Consumer:
         errors: list[HandlerError] = []
         context = copy_context()
         context.run(_current.set, entry)
+        context.run(_consuming.set, (sub.name, self.streams.transport.system))
         try:
             await run_in_context(context, self.bus._guarded(sub, event, errors))
         except anyio.get_cancelled_exc_class() as exc:
@@ -971,6 +1007,16 @@ def _checked_headers(headers: object) -> dict[str, str]:
     ):
         raise TypeError(f"headers must be a mapping of str to str, got {headers!r}")
     return dict(headers)
+
+
+def _checked_send_hooks(hooks: object) -> tuple[object, ...]:
+    if isinstance(hooks, str | bytes) or not isinstance(hooks, Iterable):
+        raise TypeError(f"hooks must be an iterable of send hooks, got {hooks!r}")
+    hooks = tuple(hooks)
+    for hook in hooks:
+        if not all(callable(getattr(hook, m, None)) for m in ("send_started", "send_finished")):
+            raise TypeError(f"a send hook needs send_started() and send_finished(), got {hook!r}")
+    return hooks
 
 
 def _is_forwarder(sub: Subscription) -> bool:

@@ -50,6 +50,8 @@ class MemoryStreams(Transport):
     MemoryStreams(max_len=10000)
     """
 
+    system = "aioevents.memory"
+
     def __init__(self, *, max_len: int | None = None) -> None:
         if max_len is not None:
             check_positive_int("max_len", max_len)

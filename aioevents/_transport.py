@@ -97,6 +97,10 @@ class Transport(abc.ABC):
     #: removes the oldest even if a group has not acknowledged them, and says how many.
     max_len: int | None = None
 
+    #: The engine's name for traces (OpenTelemetry's ``messaging.system``): ``"redis"`` for
+    #: `RedisStreams`, ``"aioevents.memory"`` for `MemoryStreams`.
+    system: str = "aioevents.streams"
+
     @abc.abstractmethod
     async def publish(self, stream: str, envelope: Envelope) -> str:
         """Append the envelope; return its entry id once the engine has it."""

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -375,8 +375,14 @@ class Workers:
             assert set((await workers.stop()).values()) == {0}  # SIGTERM: drained, exit 0
     """
 
-    def __init__(self, environment: Mapping[str, str], logs: Path) -> None:
+    def __init__(
+        self,
+        environment: Mapping[str, str],
+        logs: Path,
+        command: Sequence[str] = tuple(WORKER_COMMAND),
+    ) -> None:
         self.environment = {**os.environ, **environment}
+        self.command = list(command)  # another worker app: tests/otel_worker_app.py
         self.logs = logs
         self.logs.mkdir(parents=True, exist_ok=True)
         self.started: list[subprocess.Popen[bytes]] = []
@@ -394,7 +400,7 @@ class Workers:
         index = len(self.started)
         with (self.logs / f"worker-{index}.log").open("wb") as log:  # the child has its own
             process = subprocess.Popen(
-                [*WORKER_COMMAND, *arguments],
+                [*self.command, *arguments],
                 cwd=PROJECT_ROOT,
                 env=self.environment,
                 stdin=subprocess.DEVNULL,

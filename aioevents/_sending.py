@@ -1,0 +1,88 @@
+"""Send hooks: what a tracing hook is told when an event leaves for a store or a stream.
+
+A hook (see `aioevents.Hook`) may also define ``send_started(event, *, system, destination,
+message_id, headers) -> token`` and ``send_finished(token, *, error)``. They are called around
+each send: `TransactionalEvents.record` staging an event in the outbox, the ``externalize``
+handler appending it to its stream, and `Streams.publish` when the `Streams` was given hooks.
+``send_started`` may add entries to ``headers`` (a trace context): they travel with the event.
+Like the handler hooks, a send hook's exception is logged and never fails the send.
+
+The ``messaging.system`` values aioevents sends with are defined here, next to the calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["OUTBOX_SYSTEM", "send_hooks", "sending"]
+
+logger = logging.getLogger("aioevents")
+
+OUTBOX_SYSTEM = "aioevents.outbox"  # an event staged in the outbox's tables by record()
+
+
+def send_hooks(*hook_lists: Iterable[object]) -> list[Any]:
+    """The active hooks of ``hook_lists`` that have the send methods, each once."""
+    found: list[Any] = []
+    for hooks in hook_lists:
+        for hook in hooks:
+            if (
+                callable(getattr(hook, "send_started", None))
+                and getattr(hook, "active", True)
+                and not any(hook is seen for seen in found)
+            ):
+                found.append(hook)
+    return found
+
+
+@contextmanager
+def sending(
+    hooks: list[Any],
+    event: object,
+    *,
+    system: str,
+    destination: str,
+    message_id: str,
+    headers: dict[str, str],
+) -> Iterator[None]:
+    """Tell ``hooks`` (from `send_hooks`) of the send the block makes, and of its end.
+
+    The hooks are called before the block, so what they add to ``headers`` goes with the
+    event; the block's exception (a cancellation too) is handed to ``send_finished`` and raised.
+    """
+    if not hooks:
+        yield
+        return
+    tokens = [
+        _call(
+            hook.send_started,
+            event,
+            system=system,
+            destination=destination,
+            message_id=message_id,
+            headers=headers,
+        )
+        for hook in hooks
+    ]
+    try:
+        yield
+    except BaseException as exc:
+        _finish(hooks, tokens, exc)
+        raise
+    _finish(hooks, tokens, None)
+
+
+def _finish(hooks: list[Any], tokens: list[object], error: BaseException | None) -> None:
+    for hook, token in zip(hooks, tokens, strict=True):
+        _call(hook.send_finished, token, error=error)
+
+
+def _call(method: Any, *args: Any, **kwargs: Any) -> object:
+    try:
+        return method(*args, **kwargs)
+    except Exception:
+        logger.exception("hook %s failed; the send is not affected", method.__qualname__)
+        return None
