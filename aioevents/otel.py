@@ -33,6 +33,7 @@ ERROR, and the exception recorded. A cancelled one just ends: its status stays u
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Mapping
 from contextvars import Token
@@ -62,6 +63,9 @@ IN_PROCESS_SYSTEM = "aioevents"
 
 _TRACER_NAME = "aioevents"
 _INACTIVE = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)  # no SDK behind them
+_GLOBAL_READABLE = (
+    hasattr(trace, "_TRACER_PROVIDER") and "OTEL_PYTHON_TRACER_PROVIDER" not in os.environ
+)
 
 
 class Tracing:
@@ -98,9 +102,11 @@ class Tracing:
         return self._tracer is not None or self._activate() is not None
 
     def _activate(self) -> Tracer | None:
+        if self._provider is None and _no_global_provider():
+            return None  # looked at again next time: a provider may be set later
         provider = self._provider if self._provider is not None else trace.get_tracer_provider()
         if isinstance(provider, _INACTIVE):
-            return None  # looked at again next time: a provider may be set later
+            return None
         self._tracer = provider.get_tracer(_TRACER_NAME)
         return self._tracer
 
@@ -210,6 +216,14 @@ class Tracing:
         """End the ``send`` span (``error.type`` and status ERROR when the send failed)."""
         if token is not None:
             _end(cast(Span, token), error)
+
+
+def _no_global_provider() -> bool:
+    """Whether no global tracer provider is set, in ~50 ns: what `get_tracer_provider` looks
+    at first, without its look in ``os.environ`` (~1 µs, a fifth of the 5 % a 16-handler emit
+    may spend on this hook). When the API has no such variable, or a provider is named in
+    the environment, `get_tracer_provider` decides."""
+    return _GLOBAL_READABLE and trace._TRACER_PROVIDER is None
 
 
 def _origin(

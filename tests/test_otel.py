@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -276,6 +277,15 @@ def test_a_provider_set_later_makes_tracing_active() -> None:
     """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_provider_named_in_the_environment_makes_tracing_active() -> None:
+    code = "from aioevents.otel import Tracing; print(Tracing().active)"
+    environment = {**os.environ, "OTEL_PYTHON_TRACER_PROVIDER": "sdk_tracer_provider"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environment
+    )
+    assert done.stdout.strip() == "True", done.stderr
 
 
 def test_without_opentelemetry_the_import_names_the_extra() -> None:
