@@ -18,8 +18,9 @@ import types
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from contextvars import copy_context
+from time import perf_counter
 from types import MappingProxyType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -40,8 +41,10 @@ from ._dispatch import (
     FINISHED,
     Guarded,
     Hook,
+    Runners,
+    has_switch,
+    hook_failed,
     new_subscription,
-    observed_runner,
     record_failure,
     record_stray_cancellation,
     run_guarded,
@@ -68,7 +71,10 @@ class EventBus(HandlerDecorators):
     """Dispatches events to the handlers subscribed to their type or to a base class of it.
 
     ``max_concurrency`` bounds how many handlers run at once across every emit of this bus;
-    ``hooks`` are called around every handler call (see `Hook`).
+    ``hooks`` are called around every handler call (see `Hook`). A hook may say with its
+    ``active`` whether it is to be called: it is asked once per emit (and per outbox delivery,
+    stream entry and background batch), and while no hook is active the handlers run as on a
+    bus without hooks.
 
     Within ``async with bus:`` the bus also delivers in the background: `publish` queues an
     event (at most ``queue_size``, by priority) for ``workers`` tasks, and leaving the block
@@ -118,7 +124,6 @@ class EventBus(HandlerDecorators):
         self._limiter = anyio.CapacityLimiter(max_concurrency) if max_concurrency else None
         self._hooks: list[Hook] = [_checked_hook(hook) for hook in _hook_list(hooks)]
         self._taps: list[Callable[[object], None]] = []
-        self._guarded: Guarded = run_guarded
         self._update_runner()
         # Run while the bus runs (an outbox's relay): see _attach.
         self._services: list[Callable[[], AbstractAsyncContextManager[object]]] = []
@@ -242,11 +247,14 @@ class EventBus(HandlerDecorators):
         self._update_runner()
 
     def _update_runner(self) -> None:
-        # The plain runner when neither limit nor hooks is set: they cost nothing then.
-        if self._limiter is None and not self._hooks:
-            self._guarded = run_guarded
-        else:
-            self._guarded = observed_runner(self._limiter, tuple(self._hooks))
+        self._runners = Runners(self._limiter, self._hooks)
+        # What emit runs when no hook has an `active` switch to ask (None when one has).
+        self._choice = self._runners.fixed
+
+    @property
+    def _guarded(self) -> Guarded:
+        """The runner for the hooks active now: the relay, consumers and batches ask per run."""
+        return self._runners.now()[0]
 
     # -- emitting ----------------------------------------------------------------------------
 
@@ -269,13 +277,17 @@ class EventBus(HandlerDecorators):
         if not subs:
             return route.ok_result
         errors: list[HandlerError] = []
+        # The runner, and its hook when emit's tasks may call it themselves; hooks with an
+        # `active` switch are asked here, once per emit.
+        choice = self._choice
+        guarded, hook = choice if choice is not None else self._runners.now()
         if len(subs) == 1:
             # Inline in the emitter's task, in a copy of its context as a task would have:
             # this loop does for the handler's coroutine what a task would. It is written out
             # here, not in a helper, so that nested emits cost no more stack than awaits.
             sub, context = subs[0], copy_context()
-            plain = self._guarded is run_guarded  # then not even the guard's coroutine
-            step = (sub.invoke(event) if plain else self._guarded(sub, event, errors)).__await__()
+            plain = guarded is run_guarded  # then not even the guard's coroutine
+            step = (sub.invoke(event) if plain else guarded(sub, event, errors)).__await__()
             yielded = FINISHED  # until it suspends, when the emitter's task is looked up
             try:
                 # next() with a default: a handler that never suspends costs no StopIteration
@@ -301,9 +313,9 @@ class EventBus(HandlerDecorators):
             if yielded is not FINISHED:
                 await _cancelled_again(task, pending, errors)
         elif (loop := _get_running_loop()) is not None:
-            await _run_on_asyncio(loop, self._guarded, subs, event, errors)
+            await _run_on_asyncio(loop, guarded, hook, subs, event, errors)
         else:
-            await _run_on_trio(self._guarded, subs, event, errors)
+            await _run_on_trio(guarded, subs, event, errors)
         if not errors:
             return route.ok_result
         if strict:
@@ -501,10 +513,11 @@ class EventBus(HandlerDecorators):
         if route.needs_preparation:
             self._prepare(route, event)
         subs, errors = route.volatile, list[HandlerError]()
+        guarded, hook = self._runners.now()
         if subs and (loop := _get_running_loop()) is not None:
-            await _run_on_asyncio(loop, self._guarded, subs, event, errors)
+            await _run_on_asyncio(loop, guarded, hook, subs, event, errors)
         elif subs:
-            await _run_on_trio(self._guarded, subs, event, errors)
+            await _run_on_trio(guarded, subs, event, errors)
         return EmitResult(tuple(sub.name for sub in subs), tuple(errors))
 
     # -- for aioevents.testing ------------------------------------------------------------
@@ -561,6 +574,7 @@ async def _cancelled_again(
 async def _run_on_asyncio(
     loop: asyncio.AbstractEventLoop,
     guarded: Guarded,
+    hook: Hook | None,
     subs: Sequence[Subscription],
     event: object,
     errors: list[HandlerError],
@@ -571,17 +585,21 @@ async def _run_on_asyncio(
     instead of asyncio.TaskGroup's done-callback per task, about a third less time per
     handler. What a structured group guarantees still holds: when the emitter is cancelled,
     or a handler raises a BaseException, the others are cancelled and waited for, and the
-    BaseException is raised here.
+    BaseException is raised here. With ``hook`` (the runner's hooks, when it adds no limit)
+    each task calls it itself.
     """
     group = _Countdown(loop, len(subs), errors)
+    # What each task runs: the handler in the runner, or with the hook around it.
+    counted: Any = _counted if hook is None else _observed
+    runner: Any = guarded if hook is None else hook
     if _EAGER_START and loop.get_task_factory() is None:
         # Python 3.12+: each handler runs at once, up to its first suspension, as its task
         # is made (in subscription order still); one that never suspends costs no loop turn.
         tasks = [
-            _Task(_counted(guarded, sub, event, group), loop=loop, eager_start=True) for sub in subs
+            _Task(counted(runner, sub, event, group), loop=loop, eager_start=True) for sub in subs
         ]
     else:
-        tasks = [loop.create_task(_counted(guarded, sub, event, group)) for sub in subs]
+        tasks = [loop.create_task(counted(runner, sub, event, group)) for sub in subs]
     try:
         await group.done
     finally:
@@ -625,6 +643,44 @@ async def _counted(guarded: Guarded, sub: Subscription, event: object, group: _C
         if not group.cancelling:  # not the emitter's doing: the handler's own failure
             record_stray_cancellation(sub, event, exc, group.errors)
     except BaseException as exc:  # KeyboardInterrupt and the like: the emitter raises them
+        group.failures.append(exc)
+        group.finish()
+    finally:
+        group.remaining -= 1
+        if not group.remaining:
+            group.finish()
+
+
+async def _observed(hook: Hook, sub: Subscription, event: object, group: _Countdown) -> None:
+    """`_counted` with the runner's hook called around the handler, in the same frame.
+
+    What `_dispatch.hooked_runner` does, written out here: a coroutine frame less per handler.
+    """
+    try:
+        try:
+            token = hook.handler_started(event, sub)
+        except Exception:
+            token = None
+            hook_failed(hook.handler_started)
+        error: BaseException | None = None
+        started = perf_counter()
+        try:
+            await sub.invoke(event)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            duration = perf_counter() - started
+            try:
+                hook.handler_finished(event, sub, token=token, duration=duration, error=error)
+            except Exception:
+                hook_failed(hook.handler_finished)
+    except Exception as exc:
+        record_failure(sub, event, exc, group.errors)
+    except asyncio.CancelledError as exc:
+        if not group.cancelling:
+            record_stray_cancellation(sub, event, exc, group.errors)
+    except BaseException as exc:
         group.failures.append(exc)
         group.finish()
     finally:
@@ -739,6 +795,10 @@ def _hook_list(hooks: object) -> list[Hook]:
 
 
 def _checked_hook(hook: Hook) -> Hook:
+    if has_switch(hook) and not isinstance(active := cast(Any, hook).active, bool):
+        raise TypeError(
+            f"{type(hook).__qualname__}.active must be a bool (see aioevents.Hook), got {active!r}"
+        )
     for method in ("handler_started", "handler_finished"):
         if not callable(getattr(hook, method, None)):
             raise TypeError(f"a hook needs a {method}() method (see aioevents.Hook), got {hook!r}")

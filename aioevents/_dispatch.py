@@ -28,8 +28,14 @@ from ._subscription import Handler, Invoke, Subscription
 
 __all__ = [
     "FINISHED",
+    "Choice",
     "Guarded",
     "Hook",
+    "Runners",
+    "has_switch",
+    "hook_failed",
+    "hooked_runner",
+    "joined",
     "new_subscription",
     "observed_runner",
     "record_failure",
@@ -52,9 +58,17 @@ class Hook(Protocol):
     """Called around every handler call, in the handler's own task and context.
 
     ``handler_started`` returns a token (anything, ``None`` included) that is handed back to
-    ``handler_finished``: a tracing hook returns its span there. ``error`` is the handler's
+    ``handler_finished``: a tracing hook returns its span there. ``duration`` is the handler
+    call's, in seconds (the hook's own calls not included). ``error`` is the handler's
     exception, a `TimeoutError` for a timeout, or the cancellation that stopped it.
     Exceptions a hook raises are logged and otherwise ignored: a hook never fails a handler.
+
+    A hook may also define ``active``, a `bool` attribute or property: the bus reads it once
+    per emit (and per outbox delivery, stream entry and background batch) and skips the hook
+    while it is False, at next to no cost: with no hook active the handlers run exactly as on
+    a bus without hooks. A tracing hook is inactive while no tracer provider is configured,
+    say; a switch turned on is seen by the next emit. A hook without ``active`` is always
+    called.
     """
 
     def handler_started(self, event: object, subscription: Subscription) -> object: ...
@@ -238,49 +252,167 @@ async def run_guarded(sub: Subscription, event: object, errors: list[HandlerErro
         record_failure(sub, event, exc, errors)
 
 
-def observed_runner(limiter: anyio.CapacityLimiter | None, hooks: Sequence[Hook]) -> Guarded:
-    """`run_guarded` plus the bus-wide limit and hooks; only used when either is set."""
+def observed_runner(limiter: anyio.CapacityLimiter | None, hook: Hook | None) -> Guarded:
+    """`run_guarded` plus the bus-wide limit and a hook (see `joined`); one of them is set."""
+    run = run_guarded if hook is None else hooked_runner(hook)
+    if limiter is None:
+        return run
 
-    async def run_observed(sub: Subscription, event: object, errors: list[HandlerError]) -> None:
+    async def run_limited(sub: Subscription, event: object, errors: list[HandlerError]) -> None:
         borrower = object()  # one token per call: a task may hold several (nested emits)
-        if limiter is not None:
-            await limiter.acquire_on_behalf_of(borrower)
+        await limiter.acquire_on_behalf_of(borrower)
         try:
-            tokens = [_call_hook(hook.handler_started, event, sub) for hook in hooks]
-            error: BaseException | None = None
-            started = perf_counter()
-            try:
-                await sub.invoke(event)
-            except Exception as exc:
-                error = exc
-                record_failure(sub, event, exc, errors)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                duration = perf_counter() - started
-                for hook, token in zip(hooks, tokens, strict=True):
-                    _call_hook(
-                        hook.handler_finished,
-                        event,
-                        sub,
-                        token=token,
-                        duration=duration,
-                        error=error,
-                    )
+            await run(sub, event, errors)
         finally:
-            if limiter is not None:
-                limiter.release_on_behalf_of(borrower)
+            limiter.release_on_behalf_of(borrower)
 
-    return run_observed
+    return run_limited
 
 
-def _call_hook(method: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
-    try:
-        return method(*args, **kwargs)
-    except Exception:
-        logger.exception("hook %s failed; the handler is not affected", method.__qualname__)
-        return None
+def hooked_runner(hook: Hook) -> Guarded:
+    """`run_guarded` with ``hook`` called around the handler.
+
+    emit's tasks do the same in `_bus._observed` (a coroutine frame less per handler): a
+    change here is made there too.
+    """
+
+    async def run_hooked(sub: Subscription, event: object, errors: list[HandlerError]) -> None:
+        try:
+            token = hook.handler_started(event, sub)
+        except Exception:
+            token = None
+            hook_failed(hook.handler_started)
+        error: BaseException | None = None
+        started = perf_counter()
+        try:
+            await sub.invoke(event)
+        except Exception as exc:
+            error = exc
+            record_failure(sub, event, exc, errors)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            duration = perf_counter() - started
+            try:
+                hook.handler_finished(event, sub, token=token, duration=duration, error=error)
+            except Exception:
+                hook_failed(hook.handler_finished)
+
+    return run_hooked
+
+
+Choice = tuple[Guarded, Hook | None]  # a runner, and its hook when it adds nothing else
+_PLAIN: Choice = (run_guarded, None)
+
+
+class Runners:
+    """The runner of a bus's handlers, chosen for the hooks that are active at the time.
+
+    A hook with an ``active`` switch is asked once per `now`: once per emit, relay delivery,
+    stream entry or batch. The runner for each set of active hooks is made once and kept;
+    with none active and no limit it is `run_guarded`, as on a bus without hooks.
+    """
+
+    __slots__ = ("_bits", "_by_active", "_hooks", "_limiter", "_switches", "fixed")
+
+    def __init__(self, limiter: anyio.CapacityLimiter | None, hooks: Sequence[Hook]) -> None:
+        self._limiter = limiter
+        self._hooks = tuple(hooks)
+        switched = [cast(_Switchable, hook) for hook in hooks if has_switch(hook)]
+        self._switches = tuple((1 << index, hook) for index, hook in enumerate(switched))
+        # Each hook's bit in the key of `_by_active`; 0 for the hooks that are always on.
+        bit_of = {id(hook): bit for bit, hook in self._switches}
+        self._bits = tuple(bit_of.get(id(hook), 0) for hook in hooks)
+        self._by_active: dict[int, Choice] = {}
+        # The choice when no hook has a switch: then it is always the same (None otherwise).
+        self.fixed = None if self._switches else self.now()
+
+    def now(self) -> Choice:
+        """The runner for the hooks active now, and the hook when it adds no limit."""
+        active = 0
+        for bit, hook in self._switches:
+            try:
+                if hook.active:
+                    active |= bit
+            except Exception:  # a hook that cannot tell is called, as one without a switch
+                logger.exception("hook %r: reading its active failed", hook)
+                active |= bit
+        choice = self._by_active.get(active)
+        if choice is None:
+            choice = self._by_active[active] = self._choose(active)
+        return choice
+
+    def _choose(self, active: int) -> Choice:
+        hooks = [
+            hook
+            for hook, bit in zip(self._hooks, self._bits, strict=True)
+            if not bit or active & bit
+        ]
+        hook = joined(hooks)
+        if self._limiter is None:
+            return _PLAIN if hook is None else (hooked_runner(hook), hook)
+        return observed_runner(self._limiter, hook), None
+
+
+class _Switchable(Protocol):
+    active: bool
+
+
+def has_switch(hook: Hook) -> bool:
+    """True when ``hook`` defines ``active`` (an attribute or a property)."""
+    return inspect.getattr_static(hook, "active", _NO_SWITCH) is not _NO_SWITCH
+
+
+_NO_SWITCH = object()
+
+
+def hook_failed(method: Callable[..., object]) -> None:
+    """Log the failure of a hook's method (being handled): a hook never fails a handler."""
+    logger.exception("hook %s failed; the handler is not affected", method.__qualname__)
+
+
+def joined(hooks: Sequence[Hook]) -> Hook | None:
+    """The hooks as one: None for none, the hook itself for one, else a `_Hooks`."""
+    if len(hooks) > 1:
+        return _Hooks(tuple(hooks))
+    return hooks[0] if hooks else None
+
+
+class _Hooks:
+    """Several hooks called as one, in their order; each one's failure logged on its own."""
+
+    __slots__ = ("hooks",)
+
+    def __init__(self, hooks: tuple[Hook, ...]) -> None:
+        self.hooks = hooks
+
+    def handler_started(self, event: object, subscription: Subscription) -> list[object]:
+        tokens = []
+        for hook in self.hooks:
+            try:
+                tokens.append(hook.handler_started(event, subscription))
+            except Exception:
+                tokens.append(None)
+                hook_failed(hook.handler_started)
+        return tokens
+
+    def handler_finished(
+        self,
+        event: object,
+        subscription: Subscription,
+        *,
+        token: object,
+        duration: float,
+        error: BaseException | None,
+    ) -> None:
+        for hook, its_token in zip(self.hooks, cast(list[object], token), strict=True):
+            try:
+                hook.handler_finished(
+                    event, subscription, token=its_token, duration=duration, error=error
+                )
+            except Exception:
+                hook_failed(hook.handler_finished)
 
 
 FINISHED = object()  # what the first step of a handler returns when it ran to its end

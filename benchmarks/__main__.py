@@ -18,6 +18,7 @@ from time import perf_counter
 from . import (
     bench_background,
     bench_emit,
+    bench_hooks,
     bench_invalidation,
     bench_isolation,
     bench_memory,
@@ -70,6 +71,7 @@ SCENARIOS: dict[str, Callable[[Settings], Sequence[Verdict]]] = {
     "invalidation": bench_invalidation.main,
     "memory": bench_memory.main,
     "versions": bench_versions.main,
+    "hooks": bench_hooks.main,
     "realistic": _realistic,
     "after-commit": _after_commit,
     "provider-usage": _provider_usage,
