@@ -27,6 +27,9 @@ awaited, and what is not:
 - every other event's handlers are awaited after its commit, because the caller reads their
   work in the very next request (the app's site and installation, dataset joins, triggers
   and schedule) and the response reports their failures.
+
+With ``OTEL_TRACES_EXPORTER=console`` every handler's run is printed as an OpenTelemetry span
+(see `tracing`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from .schemas import (
     NewTenant,
 )
 from .services import Conflict, Invalid, NotFound, ServiceError, Services
+from .tracing import hooks_from_env
 from .uow import Done
 
 PlatformOpener = Callable[[], AbstractAsyncContextManager[Platform]]
@@ -67,7 +71,7 @@ MAX_BODY_BYTES = 1024 * 1024
 
 def open_from_env() -> AbstractAsyncContextManager[Platform]:
     engine, cache = engine_and_cache_from_env()
-    return open_platform(engine, cache, throttle=throttle_from_env())
+    return open_platform(engine, cache, throttle=throttle_from_env(), hooks=hooks_from_env())
 
 
 def create_web_app(
