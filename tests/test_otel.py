@@ -592,9 +592,9 @@ async def test_one_trace_from_a_request_through_the_outbox_and_a_stream_to_a_wor
     redis_streams = RedisStreams(redis_url)
     streams = Streams(redis_streams, prefix=prefix)
     environment = app.environment(redis_url, prefix, spans_file)
-    with Workers(environment, tmp_path / "logs", WORKER_COMMAND) as workers:
-        worker = workers.start()
-        try:
+    try:
+        with Workers(environment, tmp_path / "logs", WORKER_COMMAND) as workers:
+            worker = workers.start()
             async with open_database("postgresql", database_url) as db:
                 tables = db.prefix
                 web = EventBus(hooks=[traced.tracing])
@@ -617,9 +617,9 @@ async def test_one_trace_from_a_request_through_the_outbox_and_a_stream_to_a_wor
 
                     await eventually(worker_done, lambda: workers.log_tail(worker))
                 assert set((await workers.stop()).values()) == {0}
-        finally:
-            await _delete_keys(redis_url, prefix)
-            await redis_streams.aclose()
+    finally:  # the workers are gone by now: nothing writes the keys again
+        await _delete_keys(redis_url, prefix)
+        await redis_streams.aclose()
     here = [app.span_record(span) for span in traced.spans()]
     there = app.read_spans(spans_file)
     by_id = {span["span_id"]: span for span in here + there}
