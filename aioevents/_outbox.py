@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -27,8 +27,13 @@ from ._outbox_store import NewDelivery, NewEvent, Store, lock_keys, now
 from ._sending import OUTBOX_SYSTEM, send_hooks, sending
 
 __all__ = [
+    "Activity",
+    "AttemptRecord",
+    "Backlog",
     "DeliveryRecord",
     "DeliveryStatus",
+    "EventRecord",
+    "HandlerStats",
     "NotInDeliveryError",
     "Outbox",
     "StoredEvent",
@@ -76,6 +81,82 @@ class DeliveryRecord:
     error_type: str | None
     error_message: str | None
     error_traceback: str | None
+    duration: float | None = None  # seconds its last attempt's handler ran
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One failed attempt of a delivery, as `Outbox.event` lists them (a success is its
+    delivery's ``completed`` status and ``duration``)."""
+
+    delivery_id: int
+    attempt: int
+    started_at: datetime
+    finished_at: datetime
+    duration: float | None  # seconds the handler ran; None when it did not (undecodable)
+    error_type: str | None
+    error_message: str | None
+    error_traceback: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One stored event with every delivery and failed attempt of it (`Outbox.event`)."""
+
+    id: uuid.UUID
+    name: str
+    version: int
+    key: str | None
+    payload: str  # as the codec wrote it (JSON)
+    headers: dict[str, str]
+    recorded_at: datetime
+    deliveries: list[DeliveryRecord]
+    attempts: list[AttemptRecord]  # by delivery, then attempt
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What happened in the last ``window`` (`Outbox.activity`), and deliveries by status."""
+
+    window: timedelta
+    events: int  # recorded in the window
+    failures: int  # failed attempts in the window
+    statuses: dict[DeliveryStatus, int]  # every kept delivery, whenever it was recorded
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.window.total_seconds()
+
+    @property
+    def failures_per_second(self) -> float:
+        return self.failures / self.window.total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerStats:
+    """One durable handler's kept deliveries (`Outbox.handler_stats`)."""
+
+    handler: str
+    statuses: dict[DeliveryStatus, int]
+    failed_attempts: int
+    p50: float | None  # seconds, over its completed deliveries that recorded a duration
+    p99: float | None
+
+    @property
+    def failure_rate(self) -> float:
+        """Failed attempts among all attempts that ended (failed or completed)."""
+        ended = self.failed_attempts + self.statuses.get(DeliveryStatus.COMPLETED, 0)
+        return self.failed_attempts / ended if ended else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """Pending deliveries of one handler (and key, in `Outbox.backlog(by_key=True)`)."""
+
+    handler: str
+    key: str | None
+    pending: int
+    oldest_due: datetime
 
 
 @dataclass(slots=True)
@@ -276,13 +357,22 @@ class Outbox:
         since: datetime | None = None,
         until: datetime | None = None,
         after: int | None = None,
+        before: int | None = None,
+        newest_first: bool = False,
         limit: int = 100,
     ) -> list[DeliveryRecord]:
-        """Stored deliveries, oldest first, filtered; the next page starts ``after`` the last
-        id of this one (keyset pagination: a deep page costs what the first does)."""
+        """Stored deliveries, oldest first (or ``newest_first``), filtered; ``since`` and
+        ``until`` bound when they were recorded. The next page starts ``after`` the last id
+        of this one (``before`` it, newest first): keyset pagination, so a deep page costs
+        what the first does."""
         check_positive_int("limit", limit)
+        check_flag("newest_first", newest_first)
+        for name, cursor in (("after", after), ("before", before)):
+            if cursor is not None and type(cursor) is not int:
+                raise TypeError(f"deliveries({name}=...) takes a delivery id (int), got {cursor!r}")
         d, e = self._store.deliveries, self._store.events
-        query = select(d, e.c.name).join(e, e.c.id == d.c.event_id).order_by(d.c.id).limit(limit)
+        order = d.c.id.desc() if newest_first else d.c.id
+        query = select(d, e.c.name).join(e, e.c.id == d.c.event_id).order_by(order).limit(limit)
         equal = {
             d.c.status: None if status is None else DeliveryStatus(status).value,
             d.c.handler: handler,
@@ -296,9 +386,107 @@ class Outbox:
             query = query.where(d.c.created_at < until)
         if after is not None:
             query = query.where(d.c.id > after)
+        if before is not None:
+            query = query.where(d.c.id < before)
         async with self.engine.connect() as connection:
             rows = (await connection.execute(query)).all()
         return [_delivery_record(row) for row in rows]
+
+    async def event(self, event_id: uuid.UUID) -> EventRecord | None:
+        """One stored event with its deliveries and their failed attempts; None if unknown."""
+        check_instance(event_id, uuid.UUID, "event() takes the event's id, a uuid.UUID")
+        d, e, a = self._store.deliveries, self._store.events, self._store.attempts
+        async with self.engine.connect() as connection:
+            found = (await connection.execute(select(e).where(e.c.id == event_id))).first()
+            if found is None:
+                return None
+            deliveries = await connection.execute(
+                select(d, e.c.name)
+                .join(e, e.c.id == d.c.event_id)
+                .where(d.c.event_id == event_id)
+                .order_by(d.c.id)
+            )
+            attempts = await connection.execute(
+                select(a)
+                .join(d, d.c.id == a.c.delivery_id)
+                .where(d.c.event_id == event_id)
+                .order_by(a.c.delivery_id, a.c.attempt, a.c.id)
+            )
+            return EventRecord(
+                id=found.id,
+                name=found.name,
+                version=found.version,
+                key=found.key,
+                payload=found.payload,
+                headers=self.codec.decode_headers(found.headers),
+                recorded_at=found.recorded_at,
+                deliveries=[_delivery_record(row) for row in deliveries],
+                attempts=[_attempt_record(row) for row in attempts],
+            )
+
+    async def activity(self, window: timedelta = timedelta(minutes=1)) -> Activity:
+        """Events recorded and attempts failed in the last ``window``, and how many kept
+        deliveries are in each status."""
+        check_instance(window, timedelta, "activity(window=...) takes a timedelta")
+        if window <= timedelta(0):
+            raise ConfigurationError(f"activity(window=...) must be positive, got {window}")
+        d, e, a = self._store.deliveries, self._store.events, self._store.attempts
+        since = now() - window
+        # Event ids are UUIDv7, in time order: the primary key finds the window's events.
+        first_id = uuid.UUID(int=int(since.timestamp() * 1000) << 80)
+        async with self.engine.connect() as connection:
+            events = await connection.scalar(select(func.count()).where(e.c.id >= first_id))
+            failures = await connection.scalar(select(func.count()).where(a.c.finished_at >= since))
+            rows = await connection.execute(select(d.c.status, func.count()).group_by(d.c.status))
+            statuses = {DeliveryStatus(status): count for status, count in rows}
+        return Activity(window, int(events or 0), int(failures or 0), statuses)
+
+    async def handler_stats(self) -> list[HandlerStats]:
+        """Each durable handler's kept deliveries by status, failed attempts, and the median
+        and 99th percentile of its completed deliveries' durations; by handler name."""
+        d, a = self._store.deliveries, self._store.attempts
+        async with self.engine.connect() as connection:
+            statuses: dict[str, dict[DeliveryStatus, int]] = {}
+            counted = select(d.c.handler, d.c.status, func.count()).group_by(
+                d.c.handler, d.c.status
+            )
+            for handler, status, count in await connection.execute(counted):
+                statuses.setdefault(handler, {})[DeliveryStatus(status)] = count
+            failed = select(d.c.handler, func.count()).join(a, a.c.delivery_id == d.c.id)
+            failed_rows = await connection.execute(failed.group_by(d.c.handler))
+            failures: dict[str, int] = {row[0]: row[1] for row in failed_rows}
+            percentiles = await self._store.duration_percentiles(connection, (0.5, 0.99))
+        return [
+            HandlerStats(
+                handler,
+                statuses[handler],
+                failures.get(handler, 0),
+                *percentiles.get(handler, (None, None)),
+            )
+            for handler in sorted(statuses)
+        ]
+
+    async def backlog(self, *, by_key: bool = False, limit: int = 100) -> list[Backlog]:
+        """Pending deliveries per handler (per handler and key, keyed ones only, with
+        ``by_key``), the largest first."""
+        check_flag("by_key", by_key)
+        check_positive_int("limit", limit)
+        d = self._store.deliveries
+        columns = [d.c.handler, d.c.key] if by_key else [d.c.handler]
+        query = (
+            select(*columns, func.count().label("pending"), func.min(d.c.due_at).label("due"))
+            .where(d.c.status == DeliveryStatus.PENDING.value)
+            .group_by(*columns)
+            .order_by(func.count().desc(), d.c.handler)
+            .limit(limit)
+        )
+        if by_key:
+            query = query.where(d.c.key.is_not(None))
+        async with self.engine.connect() as connection:
+            rows = (await connection.execute(query)).all()
+        return [
+            Backlog(row.handler, row.key if by_key else None, row.pending, row.due) for row in rows
+        ]
 
     async def resubmit(self, ids: Iterable[int]) -> int:
         """Make dead deliveries pending again, attempts from zero; returns how many were dead
@@ -422,6 +610,19 @@ def _ids(ids: Iterable[int]) -> list[int]:
     return listed
 
 
+def _attempt_record(row: Any) -> AttemptRecord:
+    return AttemptRecord(
+        delivery_id=row.delivery_id,
+        attempt=row.attempt,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        duration=row.duration,
+        error_type=row.error_type,
+        error_message=row.error_message,
+        error_traceback=row.error_traceback,
+    )
+
+
 def _delivery_record(row: Any) -> DeliveryRecord:
     return DeliveryRecord(
         id=row.id,
@@ -438,4 +639,5 @@ def _delivery_record(row: Any) -> DeliveryRecord:
         error_type=row.error_type,
         error_message=row.error_message,
         error_traceback=row.error_traceback,
+        duration=row.duration,
     )

@@ -111,6 +111,7 @@ class Relay:
         self._queue: deque[Job] = deque()
         self._running: dict[int, Job] = {}
         self._completed: list[int] = []
+        self._durations: dict[int, float] = {}  # completed id -> seconds its handler ran
         self._failures: list[Failure] = []
         self._released: list[int] = []
         self._job_ready = asyncio.Event()
@@ -338,6 +339,7 @@ class Relay:
         errors: list[HandlerError] = []
         context = copy_context()
         context.run(_current.set, delivery)
+        started = time.monotonic()  # the attempt's duration, for the panel's percentiles
         try:
             await run_in_context(context, self.bus._guarded(sub, event, errors))
         except anyio.get_cancelled_exc_class() as exc:
@@ -352,12 +354,14 @@ class Relay:
         finally:
             if self._running.get(delivery.id) is job:
                 del self._running[delivery.id]
+        took = time.monotonic() - started
         if errors:
             assert sub.durable is not None
             dead = delivery.attempt >= sub.durable.max_attempts
-            self._fail(delivery, errors[0].exception, dead=dead, wait=sub.durable.wait)
+            self._fail(delivery, errors[0].exception, dead=dead, wait=sub.durable.wait, took=took)
         else:
             self._completed.append(delivery.id)
+            self._durations[delivery.id] = took
             self._key_freed |= delivery.key is not None
             self._write_wanted.set()
 
@@ -371,10 +375,11 @@ class Relay:
         *,
         dead: bool,
         wait: Callable[[int, float], float] | None = None,
+        took: float | None = None,
     ) -> None:
         delay = 0.0 if wait is None else wait(delivery.attempt, random.random())
         due = now() + timedelta(seconds=delay)
-        self._failures.append(Failure(delivery.id, dead, due, error))
+        self._failures.append(Failure(delivery.id, dead, due, error, delivery.attempt, took))
         self._write_wanted.set()
 
     # -- writing ------------------------------------------------------------------------------
@@ -408,6 +413,8 @@ class Relay:
             self._released[:0] = released
             return False
         self._count(completed, failures, written)
+        for delivery_id in completed:
+            del self._durations[delivery_id]
         if self._starved or self._key_freed:  # otherwise a claim now would find nothing new
             self._key_freed = False
             self.wake()
@@ -421,7 +428,10 @@ class Relay:
             written = 0
             if completed:
                 keep = self._settings.keep_completed is not None
-                written += await store.complete(connection, completed, token, keep=keep)
+                durations = [self._durations[delivery_id] for delivery_id in completed]
+                written += await store.complete(
+                    connection, completed, token, keep=keep, durations=durations
+                )
             if failures:
                 written += await store.fail(connection, failures, token)
             if released:

@@ -33,6 +33,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -143,9 +144,13 @@ class Failure:
     dead: bool
     due_at: datetime
     error: BaseException
+    attempt: int = 0  # the delivery's attempt that failed (its history's row)
+    duration: float | None = None  # seconds its handler ran (None: it did not run)
 
 
-def _tables(metadata: MetaData, prefix: str, schema: str | None) -> tuple[Table, Table, Table]:
+def _tables(
+    metadata: MetaData, prefix: str, schema: str | None
+) -> tuple[Table, Table, Table, Table]:
     events = Table(
         f"{prefix}events",
         metadata,
@@ -176,6 +181,7 @@ def _tables(metadata: MetaData, prefix: str, schema: str | None) -> tuple[Table,
         Column("error_type", String(255)),
         Column("error_message", Text),
         Column("error_traceback", Text),
+        Column("duration", Float),  # seconds the last attempt's handler ran
         UniqueConstraint("event_id", "handler", name=f"{prefix}deliveries_once"),
         schema=schema,
     )
@@ -200,6 +206,15 @@ def _tables(metadata: MetaData, prefix: str, schema: str | None) -> tuple[Table,
     # Operators' queries page by (status, id); the retention sweep finds old finished rows.
     Index(f"{prefix}deliveries_status", deliveries.c.status, deliveries.c.id)
     Index(f"{prefix}deliveries_handler", deliveries.c.handler, deliveries.c.status)
+    # The dead letters of one handler, newest first (without a handler: deliveries_status).
+    dead = deliveries.c.status == DEAD
+    Index(
+        f"{prefix}deliveries_dead",
+        deliveries.c.handler,
+        deliveries.c.id,
+        postgresql_where=dead,
+        sqlite_where=dead,
+    )
     inbox = Table(
         f"{prefix}inbox",
         metadata,
@@ -209,7 +224,34 @@ def _tables(metadata: MetaData, prefix: str, schema: str | None) -> tuple[Table,
         schema=schema,
     )
     _listen_for_new_deliveries(deliveries, schema, prefix)
-    return events, deliveries, inbox
+    return events, deliveries, inbox, _attempts(metadata, prefix, schema, deliveries)
+
+
+def _attempts(metadata: MetaData, prefix: str, schema: str | None, deliveries: Table) -> Table:
+    """The failed attempts' history: one row per failure, written with it (a success writes
+    only its delivery's ``duration``: the hot path stays one statement)."""
+    attempts = Table(
+        f"{prefix}attempts",
+        metadata,
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+        Column(
+            "delivery_id",
+            deliveries.c.id.type,
+            ForeignKey(deliveries.c.id, ondelete="CASCADE"),
+            nullable=False,
+        ),
+        Column("attempt", Integer, nullable=False),
+        Column("started_at", Instant, nullable=False),
+        Column("finished_at", Instant, nullable=False),
+        Column("duration", Float),
+        Column("error_type", String(255)),
+        Column("error_message", Text),
+        Column("error_traceback", Text),
+        schema=schema,
+    )
+    Index(f"{prefix}attempts_delivery", attempts.c.delivery_id, attempts.c.attempt)
+    Index(f"{prefix}attempts_finished", attempts.c.finished_at)
+    return attempts
 
 
 def _listen_for_new_deliveries(deliveries: Table, schema: str | None, prefix: str) -> None:
@@ -255,7 +297,9 @@ class Store:
 
     def __init__(self, prefix: str, schema: str | None) -> None:
         self.metadata = MetaData()
-        self.events, self.deliveries, self.inbox = _tables(self.metadata, prefix, schema)
+        self.events, self.deliveries, self.inbox, self.attempts = _tables(
+            self.metadata, prefix, schema
+        )
         self.channel = f"{prefix}deliveries"  # PostgreSQL NOTIFY channel
         self._claim = _claim_statement(self.deliveries, postgres=False)
         self._any_due = _due_deliveries(self.deliveries)
@@ -265,6 +309,7 @@ class Store:
             .returning(*(self.events.c[name] for name in _EVENT_FIELDS))
         )
         self._record_sql: Any = None  # PostgreSQL's, made for its dialect's quoting
+        self._complete_sql: Any = None
 
     # -- written in the recording transaction --------------------------------------------
     # Synchronous: called from the session's before_commit hook, on its own connection, in
@@ -465,34 +510,45 @@ class Store:
         return [_Joined(row, by_id[row.event_id]) for row in rows]
 
     async def complete(
-        self, connection: AsyncConnection, ids: Sequence[int], token: uuid.UUID, *, keep: bool
+        self,
+        connection: AsyncConnection,
+        ids: Sequence[int],
+        token: uuid.UUID,
+        *,
+        keep: bool,
+        durations: Sequence[float | None] | None = None,
     ) -> int:
-        """Mark ``ids`` completed (or delete them); return how many this token still held."""
+        """Mark ``ids`` completed with their handlers' ``durations`` (or delete them); return
+        how many this token still held."""
         d = self.deliveries
         held = and_(_among(connection, d.c.id, ids), d.c.lease_token == token)
-        if keep:
-            statement: Any = update(d).where(held).values(_finished(COMPLETED, now()))
-        else:
-            statement = delete(d).where(held)
-        return (await connection.execute(statement)).rowcount
+        if not keep:
+            return (await connection.execute(delete(d).where(held))).rowcount
+        if durations is None:
+            statement = update(d).where(held).values(_finished(COMPLETED, now()))
+            return (await connection.execute(statement)).rowcount
+        if connection.dialect.name == "postgresql":  # one statement, the durations as an array
+            if self._complete_sql is None:
+                name = connection.dialect.identifier_preparer.format_table(d)
+                self._complete_sql = text(_COMPLETE_ON_POSTGRES.format(deliveries=name))
+            parameters = {"ids": list(ids), "durations": list(durations), "token": token}
+            parameters["at"] = now()
+            return (await connection.execute(self._complete_sql, parameters)).rowcount
+        one = update(d).where(d.c.id == bindparam("delivery_id"), d.c.lease_token == token)
+        one = one.values({**_finished(COMPLETED, now()), "duration": bindparam("took")})
+        written = 0  # SQLite, in process: a statement each costs no round trip
+        for delivery_id, took in zip(ids, durations, strict=True):
+            row = {"delivery_id": delivery_id, "took": took}
+            written += (await connection.execute(one, row)).rowcount
+        return written
 
     async def fail(
         self, connection: AsyncConnection, failures: Sequence[Failure], token: uuid.UUID
     ) -> int:
+        """Write each failure on its delivery (retry or dead) and in its attempts history;
+        return how many this token still held."""
         d = self.deliveries
         at = now()
-        rows = [
-            {
-                "delivery_id": f.id,
-                "new_status": DEAD if f.dead else PENDING,
-                "new_due_at": f.due_at,
-                "finished": at if f.dead else None,
-                "error_type": _error_type(f.error),
-                "error_message": str(f.error),
-                "error_traceback": traceback_text(f.error),
-            }
-            for f in failures
-        ]
         statement = (
             update(d)
             .where(d.c.id == bindparam("delivery_id"), d.c.lease_token == token)
@@ -505,14 +561,31 @@ class Store:
                 error_type=bindparam("error_type"),
                 error_message=bindparam("error_message"),
                 error_traceback=bindparam("error_traceback"),
+                duration=bindparam("took"),
             )
         )
         # One statement each: a driver's rowcount of an executemany is not the sum (asyncpg
         # reports -1), and failures are few.
-        written = 0
-        for row in rows:
-            written += (await connection.execute(statement, row)).rowcount
-        return written
+        written = []
+        for f in failures:
+            error = {
+                "error_type": _error_type(f.error),
+                "error_message": str(f.error),
+                "error_traceback": traceback_text(f.error),
+            }
+            row = {
+                "delivery_id": f.id,
+                "new_status": DEAD if f.dead else PENDING,
+                "new_due_at": f.due_at,
+                "finished": at if f.dead else None,
+                "took": f.duration,
+                **error,
+            }
+            if (await connection.execute(statement, row)).rowcount:
+                written.append(_attempt_row(f, at, error))
+        if written:  # only where the lease still held: another relay's attempt is its own
+            await connection.execute(insert(self.attempts), written)
+        return len(written)
 
     async def renew(
         self, connection: AsyncConnection, ids: Sequence[int], token: uuid.UUID, lease: float
@@ -577,7 +650,31 @@ class Store:
         )
         orphan = ~exists().where(d.c.event_id == e.c.id)
         await connection.execute(delete(e).where(e.c.recorded_at < before, orphan))
+        a = self.attempts  # SQLite enforces no cascade unless asked: its rows go here
+        await connection.execute(
+            delete(a).where(a.c.finished_at < before, ~exists().where(d.c.id == a.c.delivery_id))
+        )
         return old.rowcount
+
+    async def duration_percentiles(
+        self, connection: AsyncConnection, fractions: Sequence[float]
+    ) -> dict[str, tuple[float | None, ...]]:
+        """Per handler, the ``fractions`` percentiles of its completed deliveries' durations:
+        in the database on PostgreSQL; SQLite (embedded, small) has no percentile function."""
+        d = self.deliveries
+        done = and_(d.c.status == COMPLETED, d.c.duration.is_not(None))
+        if connection.dialect.name == "postgresql":
+            wanted = [func.percentile_cont(f).within_group(d.c.duration) for f in fractions]
+            query = select(d.c.handler, *wanted).where(done).group_by(d.c.handler)
+            return {row[0]: tuple(row[1:]) for row in await connection.execute(query)}
+        found: dict[str, list[float]] = {}
+        query = select(d.c.handler, d.c.duration).where(done).order_by(d.c.handler, d.c.duration)
+        for handler, duration in await connection.execute(query):
+            found.setdefault(handler, []).append(duration)
+        return {
+            handler: tuple(_percentile(durations, f) for f in fractions)
+            for handler, durations in found.items()
+        }
 
     async def first_time(
         self, connection: AsyncConnection, handler: str, event_id: uuid.UUID
@@ -615,6 +712,15 @@ FROM unnest(
     CAST(:d_leased AS boolean[])
 ) AS d (event_id, handler, key, leased)
 RETURNING id, event_id, handler
+"""
+
+
+_COMPLETE_ON_POSTGRES = """
+UPDATE {deliveries} AS d
+SET status = 'completed', finished_at = CAST(:at AS timestamptz), lease_token = NULL,
+    lease_expires = NULL, duration = done.duration
+FROM unnest(CAST(:ids AS bigint[]), CAST(:durations AS double precision[])) AS done (id, duration)
+WHERE d.id = done.id AND d.lease_token = CAST(:token AS uuid)
 """
 
 
@@ -696,6 +802,26 @@ class _Joined:
 
 def _finished(status: str, at: datetime) -> dict[str, Any]:
     return {"status": status, "finished_at": at, "lease_token": None, "lease_expires": None}
+
+
+def _percentile(ordered: Sequence[float], fraction: float) -> float:
+    """Linear interpolation between the closest ranks, as PostgreSQL's percentile_cont."""
+    position = fraction * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _attempt_row(failure: Failure, at: datetime, error: dict[str, str]) -> dict[str, Any]:
+    took = failure.duration
+    return {
+        "delivery_id": failure.id,
+        "attempt": failure.attempt,
+        "started_at": at if took is None else at - timedelta(seconds=took),
+        "finished_at": at,
+        "duration": took,
+        **error,
+    }
 
 
 def _error_type(error: BaseException) -> str:

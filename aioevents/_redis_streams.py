@@ -184,6 +184,16 @@ redis.call('XACK', KEYS[2], ARGV[1], id)
 return 1
 """
 
+# KEYS: dead stream, stream; ARGV: dead letter id, the envelope's fields... A letter still there
+# goes back to its stream and leaves the dead stream at once: a retry sent twice publishes once.
+_REDRIVE = """
+local id = ARGV[1]
+if #redis.call('XRANGE', KEYS[1], id, id) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+redis.call('XDEL', KEYS[1], id)
+return 1
+"""
+
 # KEYS: stream; ARGV: group, idle ms, the consumer to keep. DELCONSUMER drops a consumer's
 # pending entries: only consumers with none are removed, in the same script that looks.
 _REMOVE_IDLE_CONSUMERS = (
@@ -345,6 +355,7 @@ class RedisStreams(Transport):
         self._keep = scripts(_KEEP)
         self._redeliver = scripts(_REDELIVER)
         self._dead_letter = scripts(_DEAD_LETTER)
+        self._redrive = scripts(_REDRIVE)
         self._remove_idle_consumers = scripts(_REMOVE_IDLE_CONSUMERS)
         self._remove_consumer = scripts(_REMOVE_CONSUMER)
         self._trim = scripts(_TRIM)
@@ -452,6 +463,25 @@ class RedisStreams(Transport):
         _check_count(count)
         reply = await self._command("XRANGE", dead_stream, "-", "+", "COUNT", count)
         return [_dead_letter(_text(entry_id), fields) for entry_id, fields in reply or ()]
+
+    @_translated
+    async def redrive(self, dead_stream: str, ids: Sequence[str]) -> int:
+        _check_names("ids", ids, allow_empty=True)
+        moved = 0
+        for dead_id in dict.fromkeys(ids):  # an id twice in one call is one letter
+            reply = await self._command("XRANGE", dead_stream, dead_id, dead_id)
+            for _, fields in reply or ():
+                letter = _dead_letter(dead_id, fields)
+                args = [dead_id, *_fields(letter.envelope)]
+                moved += int(await self._redrive([dead_stream, letter.stream], args))
+        return moved
+
+    @_translated
+    async def remove_dead_letters(self, dead_stream: str, ids: Sequence[str]) -> int:
+        _check_names("ids", ids, allow_empty=True)
+        if not ids:
+            return 0
+        return int(await self._command("XDEL", dead_stream, *dict.fromkeys(ids)))
 
     @_translated
     async def remove_idle_consumers(

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import re
 import secrets
 import socket
 import time
@@ -49,6 +50,7 @@ __all__ = ["Consumer", "Streams", "consume", "consuming", "current_entry", "exte
 logger = logging.getLogger("aioevents.streams")
 T = TypeVar("T")
 
+_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 _EXTERNALIZE = "externalize:"  # the name prefix of the producing handlers: never fed back
 _RETRY_MIN, _RETRY_MAX = 0.05, 2.0  # seconds between attempts to reach the transport
 _TRIM_EVERY = 5.0  # seconds between trims of a consumer's streams
@@ -196,6 +198,28 @@ class Streams:
     async def dead_letters(self, event_type: type, *, count: int = 100) -> list[DeadLetter]:
         """The oldest ``count`` entries of the type that a group gave up on."""
         return await self.transport.dead_letters(self.dead_stream(event_type), count=count)
+
+    async def retry_dead_letters(self, event_type: type, ids: Sequence[str]) -> int:
+        """Publish these dead letters of the type again, to the streams they came from, and
+        remove them from its dead-letter stream; return how many (only letters still there:
+        a retry sent twice publishes once). Every group of the stream sees them again."""
+        return await self.transport.redrive(self.dead_stream(event_type), _dead_ids(ids))
+
+    async def discard_dead_letters(self, event_type: type, ids: Sequence[str]) -> int:
+        """Remove these dead letters of the type; return how many were there."""
+        return await self.transport.remove_dead_letters(
+            self.dead_stream(event_type), _dead_ids(ids)
+        )
+
+
+def _dead_ids(ids: object) -> list[str]:
+    """Dead letters' ids, as `dead_letters` gives them (``"<ms>-<seq>"``)."""
+    if isinstance(ids, str) or not isinstance(ids, Sequence):
+        raise TypeError(f"dead letter ids are a sequence of str, got {ids!r}")
+    for dead_id in ids:
+        if type(dead_id) is not str or not _ENTRY_ID.fullmatch(dead_id):
+            raise ValueError(f"a dead letter id looks like '1700000000000-0', got {dead_id!r}")
+    return list(ids)
 
 
 def externalize(

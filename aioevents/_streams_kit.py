@@ -193,6 +193,12 @@ class Switchable(Transport):
     async def dead_letters(self, dead_stream: str, *, count: int = 100) -> list[DeadLetter]:
         return await self._reach().dead_letters(dead_stream, count=count)
 
+    async def redrive(self, dead_stream: str, ids: Sequence[str]) -> int:
+        return await self._reach().redrive(dead_stream, ids)
+
+    async def remove_dead_letters(self, dead_stream: str, ids: Sequence[str]) -> int:
+        return await self._reach().remove_dead_letters(dead_stream, ids)
+
     async def remove_idle_consumers(
         self, stream: str, group: str, *, idle: float, keep: str
     ) -> list[str]:
@@ -283,6 +289,10 @@ async def settled(streams: Streams, *event_types: type) -> bool:
     """Every group of the types' streams has handled all: nothing pending, nothing to read."""
     infos = await streams.groups(*event_types)
     return bool(infos) and all(info.pending == 0 and info.lag == 0 for info in infos)
+
+
+async def _dead_count(streams: Streams, count: int) -> bool:
+    return len(await streams.dead_letters(Happened)) == count
 
 
 async def nothing_left(transport: Transport, streams: Sequence[str], group: str) -> None:
@@ -735,6 +745,37 @@ class TransportConformance:
         ]
         assert all("EventDecodeError" in letter.reason for letter in letters)
         assert "aioevents-kit.unheard-of" in letters[0].reason
+
+    async def test_dead_letters_are_retried_once_or_discarded(
+        self, make_streams: StreamsFactory
+    ) -> None:
+        """An operator's retry publishes a dead letter again (once, however often it is sent)
+        and takes it off the dead-letter stream; a discard only takes it off."""
+        streams = make_streams()
+        healthy = False
+        handled: list[tuple[int, str]] = []
+
+        async def flaky(event: Happened) -> None:
+            if not healthy:
+                raise FailedOnPurpose("not yet")
+            handled.append((event.number, running_entry().envelope.id))
+
+        bus, _ = consumer_bus(make_streams(), Happened, {"kit.flaky": flaky}, max_deliveries=1)
+        async with bus:
+            for number in range(3):
+                await streams.publish(Happened(number=number), event_id=f"kit-redrive-{number}")
+            await until(lambda: _dead_count(streams, 3), "three dead letters")
+            letters = sorted(await streams.dead_letters(Happened), key=lambda x: x.envelope.payload)
+            healthy = True
+            retried = [letters[0].id, letters[1].id]
+            assert await streams.retry_dead_letters(Happened, [*retried, retried[0]]) == 2
+            assert await streams.retry_dead_letters(Happened, retried) == 0
+            await until(lambda: len(handled) == 2, lambda: f"handled {handled}")
+            assert await streams.discard_dead_letters(Happened, [letters[2].id]) == 1
+            assert await streams.discard_dead_letters(Happened, [letters[2].id]) == 0
+            await until(lambda: settled(streams, Happened), "the group acknowledged all")
+        assert sorted(handled) == [(0, "kit-redrive-0"), (1, "kit-redrive-1")]
+        assert await streams.dead_letters(Happened) == []
 
     # -- 7. retention -----------------------------------------------------------------------------
 

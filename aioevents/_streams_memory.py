@@ -203,6 +203,28 @@ class MemoryStreams(Transport):
         ids = list(found.entries)[:count] if found is not None else []
         return [self._letters[_text(entry_id), dead_stream] for entry_id in ids]
 
+    async def redrive(self, dead_stream: str, ids: Sequence[str]) -> int:
+        await anyio.lowlevel.checkpoint()
+        moved = 0
+        for letter in self._take_letters(dead_stream, ids):
+            _append(self._stream(letter.stream), letter.envelope)
+            moved += 1
+        return moved
+
+    async def remove_dead_letters(self, dead_stream: str, ids: Sequence[str]) -> int:
+        await anyio.lowlevel.checkpoint()
+        return len(self._take_letters(dead_stream, ids))
+
+    def _take_letters(self, dead_stream: str, ids: Sequence[str]) -> list[DeadLetter]:
+        found = self._streams.get(dead_stream)
+        taken = []
+        for text in dict.fromkeys(ids):  # an id twice in one call is one letter
+            letter = self._letters.pop((text, dead_stream), None)
+            if letter is not None and found is not None:
+                found.entries.pop(_id(text), None)
+                taken.append(letter)
+        return taken
+
     async def remove_idle_consumers(
         self, stream: str, group: str, *, idle: float, keep: str
     ) -> list[str]:

@@ -160,6 +160,16 @@ class Transport(abc.ABC):
         """The oldest ``count`` dead letters in ``dead_stream``."""
 
     @abc.abstractmethod
+    async def redrive(self, dead_stream: str, ids: Sequence[str]) -> int:
+        """Append each dead letter's envelope to the stream it came from again and remove it
+        from ``dead_stream``, together (both or neither); return how many moved. Ids no longer
+        in ``dead_stream`` are skipped: a retry sent twice publishes once."""
+
+    @abc.abstractmethod
+    async def remove_dead_letters(self, dead_stream: str, ids: Sequence[str]) -> int:
+        """Remove the dead letters from ``dead_stream``; return how many were there."""
+
+    @abc.abstractmethod
     async def remove_idle_consumers(
         self, stream: str, group: str, *, idle: float, keep: str
     ) -> list[str]:

@@ -37,17 +37,32 @@ except ImportError as missing:  # a newcomer's first import: say which extra bri
     ) from missing
 
 from ._codec import Codec, EventDecodeError, uuid7
-from ._outbox import DeliveryRecord, DeliveryStatus, NotInDeliveryError, Outbox
+from ._outbox import (
+    Activity,
+    AttemptRecord,
+    Backlog,
+    DeliveryRecord,
+    DeliveryStatus,
+    EventRecord,
+    HandlerStats,
+    NotInDeliveryError,
+    Outbox,
+)
 from ._outbox_relay import Delivery, Relay, current_delivery
 from ._policies import Durable
 
 __all__ = [
+    "Activity",
+    "AttemptRecord",
+    "Backlog",
     "Codec",
     "Delivery",
     "DeliveryRecord",
     "DeliveryStatus",
     "Durable",
     "EventDecodeError",
+    "EventRecord",
+    "HandlerStats",
     "NotInDeliveryError",
     "Outbox",
     "Relay",

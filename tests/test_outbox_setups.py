@@ -114,7 +114,8 @@ async def test_tables_in_a_schema_deliver_and_wake_relays(
             text("SELECT count(*) FROM information_schema.triggers WHERE trigger_schema = :s"),
             {"s": schema},
         )
-        assert (tables.scalar(), triggers.scalar()) == (3, 1)
+        # events, deliveries, attempts, inbox
+        assert (tables.scalar(), triggers.scalar()) == (4, 1)
     assert sorted(await _deliver(engine, outbox, 3)) == [0, 1, 2]
     await outbox.drop_tables()
     async with engine.connect() as connection:
@@ -130,7 +131,12 @@ async def test_tables_in_a_schema_deliver_and_wake_relays(
 
 def test_the_tables_are_in_the_metadata_for_alembic() -> None:
     outbox = Outbox(create_async_engine("sqlite+aiosqlite://"), table_prefix="app_")
-    assert sorted(outbox.metadata.tables) == ["app_deliveries", "app_events", "app_inbox"]
+    assert sorted(outbox.metadata.tables) == [
+        "app_attempts",
+        "app_deliveries",
+        "app_events",
+        "app_inbox",
+    ]
     deliveries = outbox.metadata.tables["app_deliveries"]
     assert {index.name for index in deliveries.indexes} >= {
         "app_deliveries_pending",

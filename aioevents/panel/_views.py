@@ -1,0 +1,168 @@
+"""The panel's pages: each reads the durable stores and renders one template."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.datastructures import QueryParams
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ..outbox import DeliveryStatus, Outbox
+from ..streams import DeadLetter, Streams
+from ._render import Renderer
+
+__all__ = ["State", "dead", "deliveries", "event", "handlers", "overview", "stats"]
+
+PAGE_SIZE = 50  # dead deliveries per page
+LETTERS = 100  # stream dead letters shown per event type
+_FILTERS = ("event", "handler", "since", "until")
+_DONE = {  # what a finished action says, by its code in the redirect
+    "retried": "{count} of {asked} resubmitted",
+    "discarded": "{count} of {asked} discarded",
+    "redriven": "{count} of {asked} stream dead letters published again",
+    "removed": "{count} of {asked} stream dead letters discarded",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    outbox: Outbox
+    streams: Streams | None
+    event_types: dict[str, type]  # by event name
+    renderer: Renderer
+
+
+async def overview(state: State, request: Request) -> Response:
+    activity = await state.outbox.activity()
+    return state.renderer.page(
+        request, "overview.html", page="overview", activity=activity, statuses=list(DeliveryStatus)
+    )
+
+
+async def stats(state: State, request: Request) -> Response:
+    """The overview's figures, for its live refresh."""
+    activity = await state.outbox.activity()
+    return JSONResponse(
+        {
+            "events_per_second": round(activity.events_per_second, 3),
+            "failures_per_second": round(activity.failures_per_second, 3),
+            "statuses": {s.value: activity.statuses.get(s, 0) for s in DeliveryStatus},
+        },
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def handlers(state: State, request: Request) -> Response:
+    found = await state.outbox.handler_stats()
+    return state.renderer.page(request, "handlers.html", page="handlers", handlers=found)
+
+
+async def deliveries(state: State, request: Request) -> Response:
+    by_handler = await state.outbox.backlog()
+    by_key = await state.outbox.backlog(by_key=True, limit=PAGE_SIZE)
+    groups = []
+    if state.streams is not None and state.event_types:
+        groups = await state.streams.groups(*state.event_types.values())
+    return state.renderer.page(
+        request,
+        "deliveries.html",
+        page="deliveries",
+        by_handler=by_handler,
+        by_key=by_key,
+        groups=groups,
+        streams=state.streams is not None,
+    )
+
+
+async def dead(state: State, request: Request) -> Response:
+    query = request.query_params
+    filters = {name: query.get(name, "").strip() for name in _FILTERS}
+    before = _cursor(query.get("before"))
+    found = await state.outbox.deliveries(
+        status=DeliveryStatus.DEAD,
+        event_name=filters["event"] or None,
+        handler=filters["handler"] or None,
+        since=_time("since", filters["since"]),
+        until=_time("until", filters["until"]),
+        before=before,
+        newest_first=True,
+        limit=PAGE_SIZE + 1,  # one more: is there a next page?
+    )
+    rows, more = found[:PAGE_SIZE], len(found) > PAGE_SIZE
+    kept = {name: value for name, value in filters.items() if value}
+    next_page = urlencode({**kept, "before": rows[-1].id}) if more else None
+    return state.renderer.page(
+        request,
+        "dead.html",
+        page="dead",
+        rows=rows,
+        filters=filters,
+        back=urlencode({**kept, **({"before": before} if before else {})}),
+        first_page=urlencode(kept) if before is not None else None,
+        next_page=next_page,
+        done=_done(query),
+        letters=await _letters(state),
+    )
+
+
+async def event(state: State, request: Request) -> Response:
+    text = request.path_params["event_id"]
+    try:
+        event_id = uuid.UUID(text)
+    except ValueError:
+        raise HTTPException(400, f"event id: not a UUID: {text!r}") from None
+    found = await state.outbox.event(event_id)
+    if found is None:
+        raise HTTPException(404, f"no stored event {event_id}")
+    attempts: dict[int, list[Any]] = {}
+    for attempt in found.attempts:
+        attempts.setdefault(attempt.delivery_id, []).append(attempt)
+    live = any(d.status is DeliveryStatus.PENDING for d in found.deliveries)
+    return state.renderer.page(
+        request, "event.html", page="event", event=found, attempts=attempts, live=live
+    )
+
+
+async def _letters(state: State) -> list[tuple[str, list[DeadLetter]]]:
+    if state.streams is None:
+        return []
+    return [
+        (name, await state.streams.dead_letters(event_type, count=LETTERS))
+        for name, event_type in state.event_types.items()
+    ]
+
+
+def _cursor(text: str | None) -> int | None:
+    if text is None or text == "":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise HTTPException(400, f"before: a delivery id (a positive integer), got {text!r}")
+    return int(text)
+
+
+def _time(name: str, text: str) -> datetime | None:
+    """An ISO 8601 time; without a zone, UTC (as the panel shows times)."""
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise HTTPException(
+            400, f"{name}: an ISO 8601 time such as 2026-01-31T12:00, got {text!r}"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _done(query: QueryParams) -> str | None:
+    """The message of the action that redirected here, if any."""
+    message = _DONE.get(query.get("done", ""))
+    counts = (query.get("count", ""), query.get("asked", ""))
+    if message is None or not all(c.isdigit() for c in counts):
+        return None
+    return message.format(count=counts[0], asked=counts[1])
