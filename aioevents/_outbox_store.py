@@ -206,10 +206,12 @@ def _tables(
     # Operators' queries page by (status, id); the retention sweep finds old finished rows.
     Index(f"{prefix}deliveries_status", deliveries.c.status, deliveries.c.id)
     Index(f"{prefix}deliveries_handler", deliveries.c.handler, deliveries.c.status)
-    # The dead letters of one handler, newest first (without a handler: deliveries_status).
+    # The panel's dead letters, newest first, and one handler's: small (dead rows are few),
+    # so planners take them over walking the primary key through completed rows.
     dead = deliveries.c.status == DEAD
+    Index(f"{prefix}deliveries_dead", deliveries.c.id, postgresql_where=dead, sqlite_where=dead)
     Index(
-        f"{prefix}deliveries_dead",
+        f"{prefix}deliveries_dead_handler",
         deliveries.c.handler,
         deliveries.c.id,
         postgresql_where=dead,

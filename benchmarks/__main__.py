@@ -61,8 +61,14 @@ def _streams(settings: Settings) -> Sequence[Verdict]:
     return bench_streams.main(quick=settings.quick)
 
 
-# realistic, after-commit, provider-usage and outbox need PostgreSQL (provider-usage and
-# streams Redis); each says so and is skipped when it cannot reach them.
+def _panel(settings: Settings) -> Sequence[Verdict]:
+    from . import bench_panel
+
+    return bench_panel.main(quick=settings.quick)
+
+
+# realistic, after-commit, provider-usage, outbox and panel need PostgreSQL (provider-usage
+# and streams Redis); each says so and is skipped when it cannot reach them.
 SCENARIOS: dict[str, Callable[[Settings], Sequence[Verdict]]] = {
     "emit": bench_emit.main,
     "isolation": bench_isolation.main,
@@ -77,6 +83,7 @@ SCENARIOS: dict[str, Callable[[Settings], Sequence[Verdict]]] = {
     "provider-usage": _provider_usage,
     "outbox": _outbox,
     "streams": _streams,
+    "panel": _panel,
 }
 PACKAGES = (
     "aioevents", "anyio", "aiosignal", "blinker", "pyee", "bubus", "uvloop", "trio",

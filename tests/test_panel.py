@@ -653,7 +653,7 @@ async def test_the_dead_page_query_uses_an_index_on_postgresql(
                     {"h": FAILING},
                 )
             )
-    assert f"{pg.prefix}deliveries_dead" in plan
+    assert f"{pg.prefix}deliveries_dead_handler" in plan
 
 
 # -- helpers ----------------------------------------------------------------------------------
