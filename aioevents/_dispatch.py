@@ -36,8 +36,8 @@ __all__ = [
     "hook_failed",
     "hooked_runner",
     "joined",
+    "limited_runner",
     "new_subscription",
-    "observed_runner",
     "record_failure",
     "record_stray_cancellation",
     "resume_in_context",
@@ -252,11 +252,9 @@ async def run_guarded(sub: Subscription, event: object, errors: list[HandlerErro
         record_failure(sub, event, exc, errors)
 
 
-def observed_runner(limiter: anyio.CapacityLimiter | None, hook: Hook | None) -> Guarded:
-    """`run_guarded` plus the bus-wide limit and a hook (see `joined`); one of them is set."""
+def limited_runner(limiter: anyio.CapacityLimiter, hook: Hook | None) -> Guarded:
+    """`run_guarded` within the bus-wide limit, with ``hook`` (see `joined`) if one is active."""
     run = run_guarded if hook is None else hooked_runner(hook)
-    if limiter is None:
-        return run
 
     async def run_limited(sub: Subscription, event: object, errors: list[HandlerError]) -> None:
         borrower = object()  # one token per call: a task may hold several (nested emits)
@@ -352,7 +350,7 @@ class Runners:
         hook = joined(hooks)
         if self._limiter is None:
             return _PLAIN if hook is None else (hooked_runner(hook), hook)
-        return observed_runner(self._limiter, hook), None
+        return limited_runner(self._limiter, hook), None
 
 
 class _Switchable(Protocol):
