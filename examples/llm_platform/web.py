@@ -28,8 +28,10 @@ awaited, and what is not:
   work in the very next request (the app's site and installation, dataset joins, triggers
   and schedule) and the response reports their failures.
 
-With ``OTEL_TRACES_EXPORTER=console`` every handler's run is printed as an OpenTelemetry span
-(see `tracing`).
+The operations panel (`aioevents.panel`) is mounted at ``/events``: the outbox's deliveries
+by status, its backlog, its dead deliveries with retry and discard, each event with every
+attempt. With ``OTEL_TRACES_EXPORTER=console`` every handler's run is printed as an
+OpenTelemetry span (see `tracing`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aioevents import EmitResult
+from aioevents.panel import Panel
 
 from .app import Platform, engine_and_cache_from_env, open_platform, throttle_from_env
 from .queries import app_view, document_view
@@ -83,10 +86,19 @@ def create_web_app(
     async def lifespan(web: FastAPI) -> AsyncIterator[None]:
         async with open_platform() as platform, platform.bus:
             web.state.platform = platform
+            web.state.panel = Panel(outbox=platform.outbox, title="llm_platform events")
             yield
+
+    async def panel(scope: Scope, receive: Receive, send: Send) -> None:
+        # The panel reads the platform's outbox, which the lifespan opens: it is made there.
+        await web.state.panel(scope, receive, send)
 
     web = FastAPI(title="llm_platform", lifespan=lifespan)
     web.include_router(router)
+    # Read-write: whoever reaches it can retry and discard deliveries. A real application
+    # mounts it behind its own authentication (an operators-only middleware, or a gateway);
+    # this example has no users to check.
+    web.mount("/events", panel)
     web.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     for error, status in ((NotFound, 404), (Conflict, 409), (Invalid, 422)):
         web.add_exception_handler(error, _service_error(status))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI
@@ -34,6 +35,7 @@ from examples.llm_platform.deliveries import settled
 from examples.llm_platform.models import Row
 from examples.llm_platform.services import Services
 from examples.llm_platform.throttling import PlatformThrottle
+from examples.llm_platform.web import create_web_app
 
 R = TypeVar("R", bound=Row)
 
@@ -185,6 +187,21 @@ async def _redis_prefix(redis_url: str) -> AsyncIterator[str]:
                 await redis.delete(*keys)
         finally:
             await redis.aclose()
+
+
+@asynccontextmanager
+async def web_app_on_sqlite(database: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Platform]]:
+    """The web app on a SQLite file, its lifespan running: a client of it (httpx's ASGI
+    transport) and the platform the lifespan opened."""
+
+    def opener() -> AbstractAsyncContextManager[Platform]:
+        return open_platform(create_engine(f"sqlite+aiosqlite:///{database}"), MemoryCache())
+
+    web = create_web_app(opener)
+    async with lifespan_in_a_task(web):
+        transport = httpx.ASGITransport(app=web)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            yield http, web.state.platform
 
 
 def lifespan_in_a_task(web: FastAPI) -> AbstractAsyncContextManager[None]:
