@@ -193,7 +193,10 @@ def screenshot(page: Page, name: str, tmp_path: Path) -> Path:
     page.screenshot(path=taken, full_page=True)
     kept = Path(os.environ.get("AIOEVENTS_SCREENSHOTS") or REPOSITORY / "build" / "screenshots")
     kept.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(taken, kept / taken.name)
+    # Copied, then renamed into place: runs on several Pythons at once never mix their files.
+    copy = kept / f".{taken.name}.{os.getpid()}"
+    shutil.copyfile(taken, copy)
+    copy.replace(kept / taken.name)
     return taken
 
 
