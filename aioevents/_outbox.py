@@ -125,10 +125,12 @@ class Activity:
 
     @property
     def events_per_second(self) -> float:
+        """Events recorded per second, over the window."""
         return self.events / self.window.total_seconds()
 
     @property
     def failures_per_second(self) -> float:
+        """Failed attempts per second, over the window."""
         return self.failures / self.window.total_seconds()
 
 

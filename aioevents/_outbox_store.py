@@ -518,7 +518,7 @@ class Store:
         token: uuid.UUID,
         *,
         keep: bool,
-        durations: Sequence[float | None] | None = None,
+        durations: Sequence[float],
     ) -> int:
         """Mark ``ids`` completed with their handlers' ``durations`` (or delete them); return
         how many this token still held."""
@@ -526,9 +526,6 @@ class Store:
         held = and_(_among(connection, d.c.id, ids), d.c.lease_token == token)
         if not keep:
             return (await connection.execute(delete(d).where(held))).rowcount
-        if durations is None:
-            statement = update(d).where(held).values(_finished(COMPLETED, now()))
-            return (await connection.execute(statement)).rowcount
         if connection.dialect.name == "postgresql":  # one statement, the durations as an array
             if self._complete_sql is None:
                 name = connection.dialect.identifier_preparer.format_table(d)

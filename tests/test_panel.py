@@ -7,8 +7,10 @@ Dead deliveries are made the real way: a relay runs a failing durable handler ou
 
 from __future__ import annotations
 
+import importlib
 import re
 import secrets
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from starlette.routing import Mount
 from aioevents import Durable, EventBus
 from aioevents.outbox import DeliveryStatus, Outbox
 from aioevents.panel import Panel
+from aioevents.panel import _render as render
 from aioevents.panel import _views as views
 from aioevents.sqlalchemy import TransactionalEvents
 from aioevents.streams import MemoryStreams, Streams, Transport, consume
@@ -579,6 +582,29 @@ async def test_stream_actions_refuse_an_unknown_event_type_or_bad_ids(db: Databa
 
 
 # -- construction, store queries -------------------------------------------------------------
+
+
+async def test_importing_without_the_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m.startswith("aioevents.panel")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # as if the extra were not installed
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'aioevents\[panel\]'") as caught:
+        importlib.import_module("aioevents.panel")
+    assert caught.value.name == "jinja2"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(None, "-"), (0.0123, "12.3 ms"), (3.25, "3.2 s"), (600, "10 min"), (9000, "2.5 h")],
+)
+async def test_durations_are_shown_in_a_readable_unit(seconds: float | None, shown: str) -> None:
+    assert render._seconds(seconds) == shown
+
+
+async def test_times_ago_and_payloads_that_are_not_json() -> None:
+    assert render._ago(None) == render._when(None) == ""
+    assert render._ago(datetime.now(UTC) + timedelta(minutes=10)).startswith("in ")
+    assert render._pretty_json("{not json") == "{not json"
 
 
 async def test_panel_refuses_bad_arguments(tmp_path: Path) -> None:
