@@ -63,12 +63,13 @@ import logging
 import math
 import weakref
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import anyio.abc
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -80,7 +81,7 @@ from prometheus_client.utils import floatToGoString
 
 from ._bus import EventBus
 from ._checks import check_instance, check_seconds
-from ._exceptions import ConfigurationError
+from ._exceptions import BusStateError, ConfigurationError
 from ._names import event_name
 from ._subscription import Subscription
 
@@ -127,6 +128,32 @@ class _Sources:
     outbox: Outbox | None
     streams: Streams | None
     event_types: tuple[type, ...]
+
+
+class _Polling:
+    """The task that polls while a block runs; the block's own exception goes out as it is
+    (a task group around the block would wrap it in an ExceptionGroup)."""
+
+    def __init__(self, metrics: Metrics, sources: _Sources, interval: float) -> None:
+        self._metrics = metrics
+        self._sources = sources
+        self._interval = interval
+        self._group: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> Metrics:
+        if self._group is not None:
+            raise BusStateError("this polling block is already running")
+        # The first poll before the task group: nothing is left entered if it is cancelled.
+        await self._metrics._poll(self._sources, within=self._interval)
+        group = self._group = anyio.create_task_group()
+        await group.__aenter__()
+        group.start_soon(self._metrics._poll_every, self._sources, self._interval)
+        return self._metrics
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._group is not None
+        self._group.cancel_scope.cancel()  # the poller only ever ends by this cancellation
+        await self._group.__aexit__(None, None, None)
 
 
 class Metrics:
@@ -224,30 +251,24 @@ class Metrics:
 
     # -- durable stores: polled ------------------------------------------------------------
 
-    @asynccontextmanager
-    async def polling(
+    def polling(
         self,
         *,
         outbox: Outbox | None = None,
         streams: Streams | None = None,
         event_types: Iterable[type] = (),
         interval: float = 15.0,
-    ) -> AsyncIterator[Metrics]:
+    ) -> AbstractAsyncContextManager[Metrics]:
         """Poll the outbox's backlog and the streams' groups every ``interval`` seconds
-        while the block runs; the first poll is done when the block starts.
+        while the block runs (``async with metrics.polling(...):``); the first poll is done
+        as the block starts.
 
         ``event_types`` say whose stream groups to read (`Streams.groups`). A poll that takes
         longer than ``interval`` is given up, and counts as failed.
         """
         sources = _checked_sources(outbox, streams, event_types)
         check_seconds("interval", interval)
-        async with anyio.create_task_group() as group:
-            await self._poll(sources, within=interval)
-            group.start_soon(self._poll_every, sources, interval)
-            try:
-                yield self
-            finally:
-                group.cancel_scope.cancel()
+        return _Polling(self, sources, interval)
 
     async def poll(
         self,

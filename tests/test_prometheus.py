@@ -23,13 +23,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from aioevents import ConfigurationError, Durable, EventBus, Subscription
+from aioevents import BusStateError, ConfigurationError, Durable, EventBus, Subscription
 from aioevents.outbox import Outbox
 from aioevents.prometheus import DEFAULT_BUCKETS, Metrics
 from aioevents.sqlalchemy import TransactionalEvents
 from aioevents.streams import GroupInfo, MemoryStreams, Streams
 
-from .outbox_support import Database, eventually, open_database, record
+from .outbox_support import Database, open_database, record
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -393,9 +393,11 @@ class BrokenTransport(MemoryStreams):
         super().__init__()
         self.broken: str | None = None
         self.asked = 0
+        self.asked_again = anyio.Event()
 
     async def groups(self, stream: str) -> list[GroupInfo]:
         self.asked += 1
+        self.asked_again.set()
         if self.broken == "fails":
             raise ConnectionError("the transport is down")
         if self.broken == "hangs":
@@ -437,7 +439,7 @@ async def test_a_group_whose_lag_is_unknown_has_pending_and_no_lag() -> None:
     assert samples(registry, "aioevents_stream_pending") == {("index", stream): 2}
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_polling_reads_at_the_start_then_every_interval_until_the_block_ends() -> None:
     metrics, registry = new_metrics()
     transport = BrokenTransport()
@@ -447,20 +449,24 @@ async def test_polling_reads_at_the_start_then_every_interval_until_the_block_en
     def lag() -> float | None:
         return value(registry, "aioevents_stream_lag", stream=stream, group="index")
 
-    async with metrics.polling(streams=streams, event_types=[DocumentWasCreated], interval=0.02):
+    polling = metrics.polling(streams=streams, event_types=[DocumentWasCreated], interval=0.02)
+    async with polling as entered:
+        assert entered is metrics
         assert lag() == 3  # polled as the block starts
         await streams.publish(DocumentWasCreated())
-
-        async def seen() -> bool:
-            return lag() == 4
-
-        await eventually(seen, "the next poll to see the new entry")
+        for _ in range(2):  # a poll that starts after it, and the next: the first one stored
+            transport.asked_again = anyio.Event()
+            with anyio.fail_after(60):  # a bound on a loaded machine, never a timing
+                await transport.asked_again.wait()
+        assert lag() == 4
+        with pytest.raises(BusStateError, match="this polling block is already running"):
+            await polling.__aenter__()
     asked = transport.asked
     await anyio.sleep(0.1)
     assert transport.asked == asked  # the polling task ended with the block
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_a_poll_longer_than_the_interval_is_given_up_and_counted() -> None:
     metrics, registry = new_metrics()
     transport = BrokenTransport()
@@ -468,6 +474,19 @@ async def test_a_poll_longer_than_the_interval_is_given_up_and_counted() -> None
     streams = Streams(transport)
     async with metrics.polling(streams=streams, event_types=[DocumentWasCreated], interval=0.01):
         assert value(registry, "aioevents_poll_errors_total", source="streams") == 1
+
+
+@pytest.mark.anyio
+async def test_what_ends_the_block_goes_out_as_it_is() -> None:
+    metrics = Metrics(registry=None)
+    streams = Streams(MemoryStreams())
+    with pytest.raises(ValueError, match="the block's own"):
+        async with metrics.polling(streams=streams, event_types=[DocumentWasCreated]):
+            raise ValueError("the block's own")
+    with anyio.move_on_after(0.01) as scope:
+        async with metrics.polling(streams=streams, event_types=[DocumentWasCreated]):
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught
 
 
 # -- the exposition and the registry -----------------------------------------------------------
