@@ -31,16 +31,17 @@ Every handler call that finished counts in ``handled_total`` and the histogram, 
 ended. A failure is a call that raised an `Exception` (a timeout too): what `EmitResult.errors`
 records, labelled with the exception's class (qualified by its module unless a builtin). A
 call ended by a cancellation (its emitter was cancelled, the bus stopped) did not fail: it
-counts as handled, not as a failure.
+counts as handled, not as a failure (so does one that a cancellation its emit did not ask
+for ended, which `EmitResult.errors` reports as a `HandlerCancelledError`).
 
 The hook is on the hot path of every handler, so it only adds plain numbers to a record of
-its event type and handler (one dict lookup, a `bisect` for the bucket): no lock, no metric
-object per call. Metric families are built from those numbers when Prometheus scrapes. A
-scrape from another thread (prometheus_client's HTTP server) reads them while handlers run:
-each series is consistent in itself (the count is the sum of its buckets; counters never go
-back), but a call finishing meanwhile may be in one series and not yet in another. Use one
-`Metrics` per event loop's thread: calls finishing at the same moment on two threads could
-miss a count.
+its handler and event type (found by two dict lookups; a `bisect` finds the bucket): no
+lock, no metric object per call. Metric families are built from those numbers when
+Prometheus scrapes. A scrape from another thread (prometheus_client's HTTP server) reads
+them while handlers run: each series is consistent in itself (the count is the sum of its
+buckets; counters never go back), but a call finishing meanwhile may be in one series and
+not yet in another. Use one `Metrics` per event loop's thread: calls finishing at the same
+moment on two threads could miss a count.
 
 The outbox and streams are read by queries, which are async: `polling` runs them every
 ``interval`` in a task, and scrapes serve the last values. A poll that fails is logged,
