@@ -24,10 +24,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from aioevents import BusStateError, ConfigurationError, Durable, EventBus, Subscription
+from aioevents._streams_kit import settled, until
 from aioevents.outbox import Outbox
 from aioevents.prometheus import DEFAULT_BUCKETS, Metrics
 from aioevents.sqlalchemy import TransactionalEvents
-from aioevents.streams import GroupInfo, MemoryStreams, Streams
+from aioevents.streams import GroupInfo, MemoryStreams, Streams, consume
 
 from .outbox_support import Database, open_database, record
 
@@ -384,6 +385,35 @@ async def test_stream_lag_and_pending_per_group(streams: Streams) -> None:
         ("mirror", stream): 0,
     }
     assert value(registry, "aioevents_poll_errors_total", source="streams") == 0
+
+
+@pytest.mark.anyio
+async def test_a_stream_consumers_handler_calls_are_counted_and_its_group_polled() -> None:
+    metrics, registry = new_metrics()
+    streams = Streams(MemoryStreams(), prefix="t")
+    calls: list[int] = []
+
+    async def index(event: DocumentWasCreated) -> None:
+        calls.append(event.number)
+        if event.number == 1:
+            raise ValueError("cannot index")
+
+    bus = EventBus(hooks=[metrics])
+    bus.subscribe(DocumentWasCreated, index, name="index")
+    consume(bus, DocumentWasCreated, streams=streams, max_deliveries=2, wait_initial=0.01)
+    async with bus:
+        for number in range(3):
+            await streams.publish(DocumentWasCreated(number=number))
+        await until(lambda: streams.dead_letters(DocumentWasCreated), "the failing one dead")
+        await until(lambda: settled(streams, DocumentWasCreated), "the group done")
+    await metrics.poll(streams=streams, event_types=[DocumentWasCreated])
+
+    assert calls.count(1) >= 2 and sorted(set(calls)) == [0, 1, 2]
+    assert handled(registry, "document-was-created", "index") == len(calls)
+    assert failures(registry, "document-was-created", "index", "ValueError") == calls.count(1)
+    stream = streams.stream(DocumentWasCreated)
+    assert samples(registry, "aioevents_stream_pending") == {("index", stream): 0}
+    assert samples(registry, "aioevents_stream_lag") == {("index", stream): 0}
 
 
 class BrokenTransport(MemoryStreams):
