@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ._bus import EventBus
 from ._checks import check_flag, check_instance, check_positive_int, check_seconds
@@ -443,17 +443,27 @@ class Outbox:
             statuses = {DeliveryStatus(status): count for status, count in rows}
         return Activity(window, int(events or 0), int(failures or 0), statuses)
 
+    async def counts(self) -> dict[tuple[str, DeliveryStatus], int]:
+        """How many kept deliveries each handler has in each status: one GROUP BY that an
+        index serves (cheap enough to poll, as metrics do)."""
+        async with self.engine.connect() as connection:
+            return await self._counts(connection)
+
+    async def _counts(self, connection: AsyncConnection) -> dict[tuple[str, DeliveryStatus], int]:
+        d = self._store.deliveries
+        query = select(d.c.handler, d.c.status, func.count()).group_by(d.c.handler, d.c.status)
+        rows = await connection.execute(query)
+        return {(handler, DeliveryStatus(status)): count for handler, status, count in rows}
+
     async def handler_stats(self) -> list[HandlerStats]:
         """Each durable handler's kept deliveries by status, failed attempts, and the median
-        and 99th percentile of its completed deliveries' durations; by handler name."""
+        and 99th percentile of its completed deliveries' durations; by handler name. It reads
+        every kept delivery: for a page, not for a frequent poll (see `counts`)."""
         d, a = self._store.deliveries, self._store.attempts
         async with self.engine.connect() as connection:
             statuses: dict[str, dict[DeliveryStatus, int]] = {}
-            counted = select(d.c.handler, d.c.status, func.count()).group_by(
-                d.c.handler, d.c.status
-            )
-            for handler, status, count in await connection.execute(counted):
-                statuses.setdefault(handler, {})[DeliveryStatus(status)] = count
+            for (handler, status), count in (await self._counts(connection)).items():
+                statuses.setdefault(handler, {})[status] = count
             failed = select(d.c.handler, func.count()).join(a, a.c.delivery_id == d.c.id)
             failed_rows = await connection.execute(failed.group_by(d.c.handler))
             failures: dict[str, int] = {row[0]: row[1] for row in failed_rows}

@@ -175,6 +175,10 @@ async def test_handler_stats_percentiles_interpolate_as_postgresql_does(db: Data
                 d.update().where(d.c.id == delivery_id).values(duration=duration)
             )
     stats = {s.handler: s for s in await db.outbox.handler_stats()}
+    assert await db.outbox.counts() == {
+        (FAILING, DeliveryStatus.DEAD): 3,
+        (WORKING, DeliveryStatus.COMPLETED): 3,
+    }
     assert stats[WORKING].p50 == pytest.approx(2.0)
     assert stats[WORKING].p99 == pytest.approx(3.96)
     assert (stats[FAILING].p50, stats[FAILING].p99) == (None, None)

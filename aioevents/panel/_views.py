@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 from urllib.parse import urlencode
 
 from starlette.datastructures import QueryParams
@@ -13,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..outbox import DeliveryStatus, Outbox
+from ..outbox import AttemptRecord, DeliveryStatus, Outbox
 from ..streams import DeadLetter, Streams
 from ._render import Renderer
 
@@ -120,7 +119,7 @@ async def event(state: State, request: Request) -> Response:
     found = await state.outbox.event(event_id)
     if found is None:
         raise HTTPException(404, f"no stored event {event_id}")
-    attempts: dict[int, list[Any]] = {}
+    attempts: dict[int, list[AttemptRecord]] = {}
     for attempt in found.attempts:
         attempts.setdefault(attempt.delivery_id, []).append(attempt)
     live = any(d.status is DeliveryStatus.PENDING for d in found.deliveries)
