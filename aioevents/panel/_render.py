@@ -64,6 +64,8 @@ def _ago(moment: datetime | None) -> str:
 def _seconds(value: float | None) -> str:
     if value is None:
         return "-"
+    if value < 0.001:
+        return f"{value * 1_000_000:.0f} µs"
     if value < 1:
         return f"{value * 1000:.1f} ms"
     if value < 120:
