@@ -111,7 +111,7 @@ class EventRecord:
     headers: dict[str, str]
     recorded_at: datetime
     deliveries: list[DeliveryRecord]
-    attempts: list[AttemptRecord]  # by delivery, then attempt
+    attempts: list[AttemptRecord]  # by delivery, then as they happened
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +412,9 @@ class Outbox:
                 select(a)
                 .join(d, d.c.id == a.c.delivery_id)
                 .where(d.c.event_id == event_id)
-                .order_by(a.c.delivery_id, a.c.attempt, a.c.id)
+                .order_by(
+                    a.c.delivery_id, a.c.id
+                )  # as they happened (a resubmit restarts the count)
             )
             return EventRecord(
                 id=found.id,

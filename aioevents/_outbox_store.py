@@ -251,7 +251,7 @@ def _attempts(metadata: MetaData, prefix: str, schema: str | None, deliveries: T
         Column("error_traceback", Text),
         schema=schema,
     )
-    Index(f"{prefix}attempts_delivery", attempts.c.delivery_id, attempts.c.attempt)
+    Index(f"{prefix}attempts_delivery", attempts.c.delivery_id, attempts.c.id)
     Index(f"{prefix}attempts_finished", attempts.c.finished_at)
     return attempts
 

@@ -311,6 +311,19 @@ async def test_event_record_has_deliveries_and_attempt_history(db: Database) -> 
     assert await db.outbox.event(uuid.uuid4()) is None
 
 
+async def test_attempts_after_a_resubmit_follow_the_earlier_ones(db: Database) -> None:
+    [dead_id] = await dead_deliveries(db, Broke(number=6))
+    assert await db.outbox.resubmit([dead_id]) == 1
+    bus, _ = failing_bus(db.outbox)
+    async with bus:  # fails twice more: dead again
+        await db.wait_for_statuses({"dead": 1, "completed": 1})
+    [dead] = await db.outbox.deliveries(status="dead")
+    found = await db.outbox.event(dead.event_id)
+    assert found is not None
+    assert [a.attempt for a in found.attempts] == [1, 2, 1, 2]  # as they happened
+    assert [a.finished_at for a in found.attempts] == sorted(a.finished_at for a in found.attempts)
+
+
 async def test_a_pending_delivery_makes_the_event_page_refresh_itself(db: Database) -> None:
     _, events = failing_bus(db.outbox)
     [recorded] = await record(db, events, Broke(number=1))
