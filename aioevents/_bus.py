@@ -277,15 +277,16 @@ class EventBus(HandlerDecorators):
         if not subs:
             return route.ok_result
         errors: list[HandlerError] = []
-        # The runner, and its hook when emit's tasks may call it themselves; hooks with an
-        # `active` switch are asked here, once per emit.
+        # The runner, and its hook when emit's tasks may call it themselves.
         choice = self._choice
-        guarded, hook = choice if choice is not None else self._runners.now()
+        if choice is None:  # a hook has an `active` switch: asked here, once per emit
+            choice = self._runners.now()
         if len(subs) == 1:
             # Inline in the emitter's task, in a copy of its context as a task would have:
             # this loop does for the handler's coroutine what a task would. It is written out
             # here, not in a helper, so that nested emits cost no more stack than awaits.
             sub, context = subs[0], copy_context()
+            guarded = choice[0]
             plain = guarded is run_guarded  # then not even the guard's coroutine
             step = (sub.invoke(event) if plain else guarded(sub, event, errors)).__await__()
             yielded = FINISHED  # until it suspends, when the emitter's task is looked up
@@ -313,9 +314,9 @@ class EventBus(HandlerDecorators):
             if yielded is not FINISHED:
                 await _cancelled_again(task, pending, errors)
         elif (loop := _get_running_loop()) is not None:
-            await _run_on_asyncio(loop, guarded, hook, subs, event, errors)
+            await _run_on_asyncio(loop, choice[0], choice[1], subs, event, errors)
         else:
-            await _run_on_trio(guarded, subs, event, errors)
+            await _run_on_trio(choice[0], subs, event, errors)
         if not errors:
             return route.ok_result
         if strict:
