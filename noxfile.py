@@ -141,7 +141,8 @@ def bench(session: nox.Session) -> None:
     with this one (benchmarks/bench_versions.py); each gets aioevents and anyio in a
     virtualenv of its own next to this session's.
     """
-    session.install("-e", ".[examples]", *BENCH_PEERS, "pyinstrument")
+    # httpx drives the panel scenario's requests (ASGITransport); not a peer.
+    session.install("-e", ".[examples]", *BENCH_PEERS, "pyinstrument", "httpx")
     session.run("python", "-m", "benchmarks", *_other_pythons(session), *session.posargs)
 
 
