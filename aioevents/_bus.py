@@ -248,8 +248,10 @@ class EventBus(HandlerDecorators):
 
     def _update_runner(self) -> None:
         self._runners = Runners(self._limiter, self._hooks)
-        # What emit runs when no hook has an `active` switch to ask (None when one has).
+        # What emit runs when no hook has an `active` switch to ask (None when one has): the
+        # runner, and its hook when emit's tasks may call it themselves.
         self._choice = self._runners.fixed
+        self._runner = None if self._choice is None else self._choice[0]
 
     @property
     def _guarded(self) -> Guarded:
@@ -277,16 +279,14 @@ class EventBus(HandlerDecorators):
         if not subs:
             return route.ok_result
         errors: list[HandlerError] = []
-        # The runner, and its hook when emit's tasks may call it themselves.
-        choice = self._choice
-        if choice is None:  # a hook has an `active` switch: asked here, once per emit
-            choice = self._runners.now()
         if len(subs) == 1:
             # Inline in the emitter's task, in a copy of its context as a task would have:
             # this loop does for the handler's coroutine what a task would. It is written out
             # here, not in a helper, so that nested emits cost no more stack than awaits.
             sub, context = subs[0], copy_context()
-            guarded = choice[0]
+            guarded = self._runner
+            if guarded is None:  # a hook has an `active` switch: asked here, once per emit
+                guarded = self._runners.now()[0]
             plain = guarded is run_guarded  # then not even the guard's coroutine
             step = (sub.invoke(event) if plain else guarded(sub, event, errors)).__await__()
             yielded = FINISHED  # until it suspends, when the emitter's task is looked up
@@ -314,9 +314,10 @@ class EventBus(HandlerDecorators):
             if yielded is not FINISHED:
                 await _cancelled_again(task, pending, errors)
         elif (loop := _get_running_loop()) is not None:
-            await _run_on_asyncio(loop, choice[0], choice[1], subs, event, errors)
+            guarded, hook = self._choice or self._runners.now()
+            await _run_on_asyncio(loop, guarded, hook, subs, event, errors)
         else:
-            await _run_on_trio(choice[0], subs, event, errors)
+            await _run_on_trio((self._choice or self._runners.now())[0], subs, event, errors)
         if not errors:
             return route.ok_result
         if strict:
@@ -514,7 +515,7 @@ class EventBus(HandlerDecorators):
         if route.needs_preparation:
             self._prepare(route, event)
         subs, errors = route.volatile, list[HandlerError]()
-        guarded, hook = self._runners.now()
+        guarded, hook = self._choice or self._runners.now()
         if subs and (loop := _get_running_loop()) is not None:
             await _run_on_asyncio(loop, guarded, hook, subs, event, errors)
         elif subs:
