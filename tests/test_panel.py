@@ -423,7 +423,7 @@ async def test_bulk_retry_and_discard_take_the_checked_rows(db: Database) -> Non
     ("form", "message"),
     [
         ({}, "id: no row chosen"),
-        ({"id": ["1", "x"]}, "id: delivery ids are integers, got ['1', 'x']"),
+        ({"id": ["1", "x"]}, "id: a delivery id (a positive integer), got 'x'"),
         ({"id": [str(n) for n in range(1001)]}, "id: at most 1000 rows at once"),
     ],
 )

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from ._csrf import FIELD, base_path
-from ._views import State
+from ._views import State, delivery_id
 
 __all__ = ["discard_deliveries", "discard_letters", "retry_deliveries", "retry_letters"]
 
@@ -48,10 +48,7 @@ async def _on_deliveries(
     done: str,
 ) -> Response:
     form = await _checked_form(state, request)
-    texts = _chosen(form)
-    if not all(text.isdigit() for text in texts):
-        raise HTTPException(400, f"id: delivery ids are integers, got {texts!r}")
-    ids = [int(text) for text in texts]
+    ids = [delivery_id("id", text) for text in _chosen(form)]
     return _back(request, form, done, await act(ids), len(ids))
 
 

@@ -16,11 +16,12 @@ from ..outbox import AttemptRecord, DeliveryStatus, Outbox
 from ..streams import DeadLetter, Streams
 from ._render import Renderer
 
-__all__ = ["State", "dead", "deliveries", "event", "handlers", "overview", "stats"]
+__all__ = ["State", "dead", "deliveries", "delivery_id", "event", "handlers", "overview", "stats"]
 
 PAGE_SIZE = 50  # dead deliveries per page
 LETTERS = 100  # stream dead letters shown per event type
 _FILTERS = ("event", "handler", "since", "until")
+_MAX_ID = 2**63 - 1  # a BIGINT
 _DONE = {  # what a finished action says, by its code in the redirect
     "retried": "{count} of {asked} resubmitted",
     "discarded": "{count} of {asked} discarded",
@@ -82,6 +83,8 @@ async def deliveries(state: State, request: Request) -> Response:
 async def dead(state: State, request: Request) -> Response:
     query = request.query_params
     filters = {name: query.get(name, "").strip() for name in _FILTERS}
+    if any("\x00" in value for value in filters.values()):  # PostgreSQL text refuses NUL
+        raise HTTPException(400, "search: a NUL character is in no event or handler name")
     before = _cursor(query.get("before"))
     found = await state.outbox.deliveries(
         status=DeliveryStatus.DEAD,
@@ -140,8 +143,14 @@ async def _letters(state: State) -> list[tuple[str, list[DeadLetter]]]:
 def _cursor(text: str | None) -> int | None:
     if text is None or text == "":
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise HTTPException(400, f"before: a delivery id (a positive integer), got {text!r}")
+    return delivery_id("before", text)
+
+
+def delivery_id(name: str, text: str) -> int:
+    """A delivery id as the stores keep it: ASCII digits ("²".isdigit() is True, and int()
+    refuses it) within a signed 64-bit integer (the databases refuse more: a 500)."""
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= _MAX_ID):
+        raise HTTPException(400, f"{name}: a delivery id (a positive integer), got {text!r}")
     return int(text)
 
 
@@ -149,13 +158,13 @@ def _time(name: str, text: str) -> datetime | None:
     """An ISO 8601 time; without a zone, UTC (as the panel shows times)."""
     if not text:
         return None
-    try:
+    try:  # in UTC here: a time at the calendar's ends may not be (OverflowError)
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
         raise HTTPException(
             400, f"{name}: an ISO 8601 time such as 2026-01-31T12:00, got {text!r}"
         ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _done(query: QueryParams) -> str | None:
