@@ -11,15 +11,28 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import anyio
 import httpx
 import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from prometheus_client import CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from aioevents import Durable, EventBus
+from aioevents.otel import Tracing
 from aioevents.panel import Panel
+from aioevents.prometheus import Metrics
 from aioevents.sqlalchemy import TransactionalEvents
 from aioevents.streams import MemoryStreams, Streams, consume
 
@@ -261,3 +274,371 @@ async def test_stream_retry_of_an_id_past_redis_range_is_a_400(
     finally:
         await transport.aclose()
     assert answer.status_code == 400, answer.text
+
+
+# -- the relay: what a failure's text may hold ------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.postgres
+@pytest.mark.xfail(
+    strict=True,
+    reason="on PostgreSQL a handler exception whose message has a NUL character cannot be "
+    "written (text refuses 0x00: error_message/error_traceback in deliveries and now attempts); "
+    "Relay._write keeps the failed outcomes for its next write, so every later outcome of the "
+    "relay (other handlers' completions) fails with it and nothing more is written. Fix in "
+    "_outbox_store.fail (NUL replaced in the error texts) and in Relay._write (an outcome that "
+    "cannot be written must not hold the others back). See /tmp/notes/attack.md",
+)
+async def test_a_nul_in_an_error_message_does_not_wedge_the_relay_on_postgresql(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from .outbox_support import open_database
+
+    async with open_database("postgresql", database_url) as database:
+        bus = EventBus()
+
+        async def binary(event: Tick) -> None:
+            raise ValueError("cannot parse b'\x00\x01'")
+
+        async def fine(event: Tick) -> None:
+            return None
+
+        bus.subscribe(Tick, binary, name="attack.binary", durable=QUICKLY)
+        bus.subscribe(Tick, fine, name="attack.fine", durable=True)
+        events = TransactionalEvents(bus, outbox=database.outbox)
+
+        def write_failures() -> int:
+            return sum("outcome(s) failed" in r.getMessage() for r in caplog.records)
+
+        async def settled() -> bool:
+            statuses = await database.statuses()
+            return (statuses["dead"], statuses["completed"]) == (2, 2) or write_failures() >= 3
+
+        async with bus:
+            await record(database, events, Tick(number=1))
+            await record(database, events, Tick(number=2))  # fine's, and binary's 2nd
+            await eventually(settled, "the outcomes written, or their write failing")
+            statuses = await database.statuses()
+    assert statuses["completed"] == 2, statuses  # fine's completions were written
+    assert write_failures() == 0
+
+
+# -- tracing: no span left open, no context left attached --------------------------------------
+
+
+class OpenSpans(SpanProcessor):
+    """The spans started and not yet ended."""
+
+    def __init__(self) -> None:
+        self.open: dict[int, str] = {}
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        self.open[_span_id(span)] = span.name
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.open.pop(_span_id(span), None)
+
+
+def _span_id(span: ReadableSpan) -> int:
+    context = span.get_span_context()
+    assert context is not None
+    return context.span_id
+
+
+@dataclass
+class Watched:
+    provider: TracerProvider
+    exporter: InMemorySpanExporter
+    spans: OpenSpans
+    tracing: Tracing
+
+    def finished(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.exporter.get_finished_spans() if s.name == name]
+
+
+@pytest.fixture
+def watched() -> Iterator[Watched]:
+    provider, exporter, spans = TracerProvider(), InMemorySpanExporter(), OpenSpans()
+    provider.add_span_processor(spans)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield Watched(provider, exporter, spans, Tracing(provider))
+    provider.shutdown()
+
+
+async def _cancel_scope(bus: EventBus, started: anyio.Event) -> None:
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tasks:
+
+            async def stop() -> None:
+                await started.wait()
+                scope.cancel()
+
+            tasks.start_soon(stop)
+            await bus.emit(Tick(number=1))
+
+
+async def _failing_sibling(bus: EventBus, started: anyio.Event) -> None:
+    async def sibling() -> None:
+        await started.wait()
+        raise RuntimeError("sibling failed")
+
+    with pytest.raises(ExceptionGroup):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(sibling)
+            await bus.emit(Tick(number=1))
+
+
+async def _move_on(bus: EventBus, started: anyio.Event) -> None:
+    async with anyio.create_task_group() as tasks:
+
+        async def emit_until_cancelled() -> None:
+            with anyio.CancelScope() as scope:
+                tasks.start_soon(_cancel_when, started, scope)
+                await bus.emit(Tick(number=1))
+
+        tasks.start_soon(emit_until_cancelled)
+
+
+async def _cancel_when(started: anyio.Event, scope: anyio.CancelScope) -> None:
+    await started.wait()
+    scope.cancel()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("handlers", [1, 3])  # one handler runs inline, several in tasks
+@pytest.mark.parametrize("cancel", [_cancel_scope, _failing_sibling, _move_on])
+async def test_a_cancelled_emit_leaves_no_span_open_and_no_context_attached(
+    watched: Watched, cancel: Any, handlers: int
+) -> None:
+    bus = EventBus(hooks=[watched.tracing])
+    started = anyio.Event()
+
+    async def stuck(event: Tick) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    for number in range(handlers):
+        bus.subscribe(Tick, stuck, name=f"attack.stuck-{number}")
+    async with bus:
+        await cancel(bus, started)
+        assert watched.spans.open == {}
+        assert not trace.get_current_span().get_span_context().is_valid
+    await _next_emit_is_a_root(watched)
+
+
+async def _next_emit_is_a_root(watched: Watched) -> None:
+    after = EventBus(hooks=[watched.tracing])
+    after.subscribe(Tick, _nothing, name="attack.after")
+    await after.emit(Tick(number=2))
+    [span] = [s for s in watched.finished("process attack.tick") if _group(s) == "attack.after"]
+    assert span.parent is None, "a stale span was still current"
+
+
+async def _nothing(event: object) -> None:
+    return None
+
+
+def _group(span: ReadableSpan) -> object:
+    return (span.attributes or {}).get("messaging.consumer.group.name")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("handlers", [1, 3])
+@pytest.mark.parametrize("how", ["task.cancel", "asyncio.timeout"])
+async def test_an_emit_cancelled_by_asyncio_leaves_no_span_open(
+    watched: Watched, how: str, handlers: int
+) -> None:
+    bus = EventBus(hooks=[watched.tracing])
+    started = asyncio.Event()
+
+    async def stuck(event: Tick) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    for number in range(handlers):
+        bus.subscribe(Tick, stuck, name=f"attack.stuck-{number}")
+    async with bus:
+        if how == "task.cancel":
+            task = asyncio.ensure_future(bus.emit(Tick(number=1)))
+            await started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(None) as timeout:
+                    emitting = asyncio.ensure_future(started.wait())
+                    emitting.add_done_callback(lambda _: timeout.reschedule(0))
+                    await bus.emit(Tick(number=1))
+        assert watched.spans.open == {}
+        assert not trace.get_current_span().get_span_context().is_valid
+    spans = watched.finished("process attack.tick")
+    assert len(spans) == handlers
+    assert all(s.status.status_code is StatusCode.UNSET for s in spans)  # no error
+    await _next_emit_is_a_root(watched)
+
+
+@pytest.mark.anyio
+async def test_nested_emits_and_thread_handlers_nest_their_spans(watched: Watched) -> None:
+    bus = EventBus(hooks=[watched.tracing])
+    tracer = watched.provider.get_tracer("attack")
+
+    async def outer(event: Hostile) -> None:
+        await bus.emit(Tick(number=1))
+
+    def in_thread(event: Tick) -> None:
+        with tracer.start_as_current_span("in a thread"):
+            pass
+
+    async def leaky(event: Tick) -> None:
+        otel_context.attach(otel_context.set_value("attack", "leaked"))  # never detached
+
+    bus.subscribe(Hostile, outer, name="attack.outer")
+    bus.subscribe(Tick, in_thread, name="attack.thread")
+    bus.subscribe(Tick, leaky, name="attack.leaky")
+    await bus.emit(Hostile(text="x"))
+    [outer_span] = watched.finished("process attack.hostile")
+    inner = {_group(s): s for s in watched.finished("process attack.tick")}
+    [thread_span] = watched.finished("in a thread")
+    assert outer_span.parent is None
+    assert {g: s.parent.span_id for g, s in inner.items() if s.parent} == {
+        "attack.thread": outer_span.context.span_id,
+        "attack.leaky": outer_span.context.span_id,
+    }
+    assert thread_span.parent is not None
+    assert thread_span.parent.span_id == inner["attack.thread"].context.span_id
+    assert otel_context.get_value("attack") is None  # the handler's leak stayed its own
+    assert watched.spans.open == {}
+
+
+@pytest.mark.anyio
+async def test_a_hook_removed_during_an_emit_still_ends_its_spans(watched: Watched) -> None:
+    bus = EventBus(hooks=[watched.tracing])
+    started, go = anyio.Event(), anyio.Event()
+
+    async def waits(event: Tick) -> None:
+        started.set()
+        await go.wait()
+
+    bus.subscribe(Tick, waits, name="attack.waits")
+    bus.subscribe(Tick, _nothing, name="attack.quick")
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(bus.emit, Tick(number=1))
+        await started.wait()
+        bus.remove_hook(watched.tracing)
+        go.set()
+    assert sorted(str(_group(s)) for s in watched.finished("process attack.tick")) == [
+        "attack.quick",
+        "attack.waits",
+    ]
+    await bus.emit(Tick(number=2))  # removed: no more spans
+    assert len(watched.finished("process attack.tick")) == 2
+    assert watched.spans.open == {}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"traceparent": "00-ab-cd-01"},  # too short
+        {"traceparent": "ff-" + "1" * 32 + "-" + "2" * 16 + "-01"},  # version ff is invalid
+        {"traceparent": "00-" + "0" * 32 + "-" + "2" * 16 + "-01"},  # an all-zero trace id
+        {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01", "tracestate": "x" * 10_000},
+        {"traceparent": "\x00" * 55},
+    ],
+)
+async def test_a_durable_handler_under_a_malformed_stored_trace_context_still_runs(
+    db: Database, watched: Watched, headers: dict[str, str]
+) -> None:
+    if "\x00" in headers["traceparent"] and db.kind == "postgresql":
+        pytest.skip("PostgreSQL text refuses NUL: such a header cannot be stored")
+    bus = EventBus()  # recorded untraced (another service, say): the headers stored as given
+    handled: list[int] = []
+
+    async def handle(event: Tick) -> None:
+        handled.append(event.number)
+
+    bus.subscribe(Tick, handle, name="attack.durable", durable=True)
+    events = TransactionalEvents(bus, outbox=db.outbox)
+    await record(db, events, Tick(number=7), headers=headers)
+    bus.add_hook(watched.tracing)  # the relay's run is traced
+    async with bus:
+        await db.wait_for_statuses({"completed": 1})
+    assert handled == [7]
+    [process] = watched.finished("process attack.tick")
+    if "tracestate" in headers:  # a valid context, with a tracestate the propagator drops
+        assert process.parent is not None and process.parent.span_id == int("2" * 16, 16)
+        assert len(process.links) == 1
+    else:  # nothing usable: a trace of its own
+        assert process.parent is None and process.links == ()
+    assert watched.spans.open == {}
+
+
+# -- metrics: scraped from another thread while handlers run ----------------------------------
+
+
+HANDLERS = 8
+
+
+@pytest.mark.anyio
+async def test_scrapes_from_another_thread_while_handlers_come_and_fail_are_whole() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry=registry)
+    bus = EventBus(hooks=[metrics])
+    errors = [type(f"Failure{n}", (Exception,), {}) for n in range(5)]
+    calls = 0
+    stop = threading.Event()
+    scraped: list[int] = []
+    broken: list[BaseException] = []
+
+    def scrape() -> None:
+        while not stop.is_set():
+            try:
+                text = generate_latest(registry).decode()
+                families = {f.name: f for f in text_string_to_metric_families(text)}
+                scraped.append(len(families["aioevents_handled"].samples))
+            except BaseException as exc:  # what a scrape raised: the test fails below
+                broken.append(exc)
+                return
+
+    def handler_of(number: int) -> Any:
+        def handle(event: Tick) -> None:  # sync: run in a worker thread
+            nonlocal calls
+            calls += 1
+            if event.number % 3 == 0:
+                raise errors[(event.number + number) % len(errors)]("failed")
+
+        return handle
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        for number in range(HANDLERS):  # a new handler, and new records, while scrapes run
+            bus.subscribe(Tick, handler_of(number), name=f"attack.h{number}")
+            for event_number in range(6):
+                await bus.emit(Tick(number=event_number))
+    finally:
+        stop.set()
+        await anyio.to_thread.run_sync(scraper.join)
+    assert broken == []
+    assert scraped, "the scraper ran"
+    text = generate_latest(registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    handled = sum(
+        s.value for s in families["aioevents_handled"].samples if s.name.endswith("_total")
+    )
+    failures = sum(
+        s.value for s in families["aioevents_handler_failures"].samples if s.name.endswith("_total")
+    )
+    emitted = sum(HANDLERS - n for n in range(HANDLERS)) * 6  # handler n saw 6 per later emit
+    assert handled == calls == emitted
+    assert failures == emitted // 3  # numbers 0 and 3 of each six
+    buckets = [
+        s
+        for s in families["aioevents_handler_duration_seconds"].samples
+        if s.name.endswith("_count")
+    ]
+    assert sum(s.value for s in buckets) == calls
