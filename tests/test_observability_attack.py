@@ -642,3 +642,35 @@ async def test_scrapes_from_another_thread_while_handlers_come_and_fail_are_whol
         if s.name.endswith("_count")
     ]
     assert sum(s.value for s in buckets) == calls
+
+
+# -- the panel while Redis is down --------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_with_the_streams_down_the_outbox_pages_still_work(db: Database) -> None:
+    from aioevents.redis_streams import RedisStreams
+
+    from .streams_support import free_port
+
+    dead = await one_dead_delivery(db)
+    transport = RedisStreams(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    streams = Streams(transport, prefix="attack-down")
+    try:
+        async with client(Panel(outbox=db.outbox, streams=streams, event_types=[Tick])) as browser:
+            page = await browser.get(f"{MOUNT}/dead")
+            backlog = await browser.get(f"{MOUNT}/deliveries")
+            token = await csrf_token(browser)
+            letter = await browser.post(
+                f"{MOUNT}/streams/retry", data={"csrf": token, "event": "attack.tick", "one": "1-0"}
+            )
+            retried = await browser.post(f"{MOUNT}/dead/retry", data={"csrf": token, "one": dead})
+    finally:
+        await transport.aclose()
+    assert (page.status_code, backlog.status_code) == (200, 200)
+    for shown in (page, backlog):
+        assert "The streams could not be read: ConnectionError" in shown.text
+    assert f'data-delivery-id="{dead}"' in page.text  # the outbox's dead letters are there
+    assert letter.status_code == 503
+    assert letter.text.startswith("the streams could not be reached")
+    assert "count=1" in retried.headers["location"]

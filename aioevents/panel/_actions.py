@@ -66,6 +66,8 @@ async def _on_letters(state: State, request: Request, *, retry: bool) -> Respons
             count = await state.streams.discard_dead_letters(event_type, ids)
     except ValueError as exc:  # not an id of the form dead letters have
         raise HTTPException(400, f"id: {exc}") from None
+    except OSError as exc:  # the transport's server is down or slow: try again later
+        raise HTTPException(503, f"the streams could not be reached: {exc}") from None
     return _back(request, form, "redriven" if retry else "removed", count, len(ids))
 
 

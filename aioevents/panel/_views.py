@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,10 +14,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..outbox import AttemptRecord, DeliveryStatus, Outbox
-from ..streams import DeadLetter, Streams
+from ..streams import DeadLetter, GroupInfo, Streams
 from ._render import Renderer
 
 __all__ = ["State", "dead", "deliveries", "delivery_id", "event", "handlers", "overview", "stats"]
+
+logger = logging.getLogger("aioevents")
 
 PAGE_SIZE = 50  # dead deliveries per page
 LETTERS = 100  # stream dead letters shown per event type
@@ -66,9 +69,13 @@ async def handlers(state: State, request: Request) -> Response:
 async def deliveries(state: State, request: Request) -> Response:
     by_handler = await state.outbox.backlog()
     by_key = await state.outbox.backlog(by_key=True, limit=PAGE_SIZE)
-    groups = []
+    groups: list[GroupInfo] = []
+    unreachable = None
     if state.streams is not None and state.event_types:
-        groups = await state.streams.groups(*state.event_types.values())
+        try:
+            groups = await state.streams.groups(*state.event_types.values())
+        except OSError as exc:  # the outbox's figures are still worth showing
+            unreachable = _unreachable(exc)
     return state.renderer.page(
         request,
         "deliveries.html",
@@ -77,6 +84,7 @@ async def deliveries(state: State, request: Request) -> Response:
         by_key=by_key,
         groups=groups,
         streams=state.streams is not None,
+        streams_error=unreachable,
     )
 
 
@@ -97,6 +105,7 @@ async def dead(state: State, request: Request) -> Response:
         limit=PAGE_SIZE + 1,  # one more: is there a next page?
     )
     rows, more = found[:PAGE_SIZE], len(found) > PAGE_SIZE
+    letters, unreachable = await _letters(state)
     kept = {name: value for name, value in filters.items() if value}
     next_page = urlencode({**kept, "before": rows[-1].id}) if more else None
     return state.renderer.page(
@@ -109,7 +118,8 @@ async def dead(state: State, request: Request) -> Response:
         first_page=urlencode(kept) if before is not None else None,
         next_page=next_page,
         done=_done(query),
-        letters=await _letters(state),
+        letters=letters,
+        streams_error=unreachable,
     )
 
 
@@ -131,13 +141,23 @@ async def event(state: State, request: Request) -> Response:
     )
 
 
-async def _letters(state: State) -> list[tuple[str, list[DeadLetter]]]:
+async def _letters(state: State) -> tuple[list[tuple[str, list[DeadLetter]]], str | None]:
+    """The streams' dead letters by event name; while the streams cannot be reached, none and
+    why (the outbox's dead deliveries are still shown and can be retried)."""
     if state.streams is None:
-        return []
-    return [
-        (name, await state.streams.dead_letters(event_type, count=LETTERS))
-        for name, event_type in state.event_types.items()
-    ]
+        return [], None
+    try:
+        return [
+            (name, await state.streams.dead_letters(event_type, count=LETTERS))
+            for name, event_type in state.event_types.items()
+        ], None
+    except OSError as exc:  # what a transport raises when its server is down or slow
+        return [], _unreachable(exc)
+
+
+def _unreachable(exc: OSError) -> str:
+    logger.warning("panel: the streams could not be read", exc_info=True)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _cursor(text: str | None) -> int | None:
