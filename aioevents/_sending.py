@@ -31,11 +31,21 @@ def send_hooks(*hook_lists: Iterable[object]) -> list[Any]:
         for hook in hooks:
             if (
                 callable(getattr(hook, "send_started", None))
-                and getattr(hook, "active", True)
+                and _active(hook)
                 and not any(hook is seen for seen in found)
             ):
                 found.append(hook)
     return found
+
+
+def _active(hook: object) -> bool:
+    """The hook's ``active`` (True without one). One that raises is logged and taken as
+    active, as the bus does: a hook's failure never fails the send."""
+    try:
+        return bool(getattr(hook, "active", True))
+    except Exception:
+        logger.exception("hook %r: reading its active failed", hook)
+        return True
 
 
 @contextmanager

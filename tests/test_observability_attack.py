@@ -674,3 +674,50 @@ async def test_with_the_streams_down_the_outbox_pages_still_work(db: Database) -
     assert letter.status_code == 503
     assert letter.text.startswith("the streams could not be reached")
     assert "count=1" in retried.headers["location"]
+
+
+# -- send hooks: a hook's failure never fails the send ------------------------------------------
+
+
+class BrokenSwitch:
+    """A send hook whose ``active`` starts to raise (its configuration went away, say)."""
+
+    def __init__(self) -> None:
+        self.broken = False
+        self.sends: list[str] = []
+
+    @property
+    def active(self) -> bool:
+        if self.broken:
+            raise RuntimeError("the switch's configuration is gone")
+        return True
+
+    def handler_started(self, event: object, subscription: object) -> None:
+        return None
+
+    def handler_finished(self, event: object, subscription: object, **_: object) -> None:
+        return None
+
+    def send_started(self, event: object, *, destination: str, **_: object) -> None:
+        self.sends.append(destination)
+
+    def send_finished(self, token: object, *, error: BaseException | None) -> None:
+        return None
+
+
+@pytest.mark.asyncio
+async def test_a_send_hook_whose_active_raises_fails_neither_publish_nor_record(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    hook = BrokenSwitch()
+    bus = EventBus(hooks=[hook])
+    bus.subscribe(Tick, _nothing, name="attack.durable", durable=True)
+    events = TransactionalEvents(bus, outbox=db.outbox)
+    streams = Streams(MemoryStreams(), hooks=[hook], prefix="attack")
+    hook.broken = True
+    await streams.publish(Tick(number=1))
+    await record(db, events, Tick(number=2))
+    assert await db.count(db.events) == 1
+    assert hook.sends == ["attack:attack.tick", "attack.tick"]  # called: taken as active
+    told = [r for r in caplog.records if r.module == "_sending"]
+    assert ["reading its active failed" in r.getMessage() for r in told] == [True, True]
