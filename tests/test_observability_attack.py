@@ -763,3 +763,18 @@ async def test_an_applications_own_baggage_header_survives_tracing(watched: Watc
     assert "traceparent" in seen[0]  # the send's context went along
     assert seen[0]["x-app"] == "1"
     assert seen[0].get("baggage") == "tenant=7"
+
+
+@pytest.mark.asyncio
+async def test_pages_run_only_the_panels_own_files_and_are_not_framed_by_other_sites(
+    db: Database,
+) -> None:
+    async with client(Panel(outbox=db.outbox)) as browser:
+        pages = [await browser.get(f"{MOUNT}{path}") for path in ("/", "/dead", "/handlers")]
+    for page in pages:
+        policy = page.headers["content-security-policy"]
+        assert "default-src 'self'" in policy
+        assert "frame-ancestors 'self'" in policy
+        assert page.headers["x-frame-options"] == "SAMEORIGIN"
+        assert page.headers["x-content-type-options"] == "nosniff"
+        assert "<script>" not in page.text and " style=" not in page.text  # nothing inline
