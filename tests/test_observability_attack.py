@@ -778,3 +778,34 @@ async def test_pages_run_only_the_panels_own_files_and_are_not_framed_by_other_s
         assert page.headers["x-frame-options"] == "SAMEORIGIN"
         assert page.headers["x-content-type-options"] == "nosniff"
         assert "<script>" not in page.text and " style=" not in page.text  # nothing inline
+
+
+# -- the attempts history: one row per failure its relay still held ------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_failure_written_after_the_lease_passed_on_adds_no_attempt(db: Database) -> None:
+    import uuid
+    from datetime import UTC, datetime, timedelta
+
+    from aioevents._outbox_store import Failure
+
+    dead = await one_dead_delivery(db)
+    store, d = db.outbox._store, db.deliveries
+    theirs, mine = uuid.uuid4(), uuid.uuid4()
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    async with db.engine.begin() as connection:  # another relay runs it now: its lease
+        await connection.execute(
+            d.update()
+            .where(d.c.id == dead)
+            .values(status="pending", lease_token=theirs, lease_expires=later, finished_at=None)
+        )
+    late = Failure(dead, dead=False, due_at=later, error=ValueError("late"), attempt=2)
+    async with db.engine.begin() as connection:
+        assert await store.fail(connection, [late], mine) == 0
+    async with db.engine.begin() as connection:
+        assert await store.fail(connection, [late], theirs) == 1
+    [event] = await db.outbox.deliveries(handler="attack.failing")
+    record_of = await db.outbox.event(event.event_id)
+    assert record_of is not None
+    assert [(a.attempt, a.error_message) for a in record_of.attempts] == [(1, "down"), (2, "late")]
