@@ -809,3 +809,31 @@ async def test_a_failure_written_after_the_lease_passed_on_adds_no_attempt(db: D
     record_of = await db.outbox.event(event.event_id)
     assert record_of is not None
     assert [(a.attempt, a.error_message) for a in record_of.attempts] == [(1, "down"), (2, "late")]
+
+
+@pytest.mark.asyncio
+async def test_behind_a_proxy_with_a_root_path_links_cookie_and_redirects_keep_it(
+    db: Database,
+) -> None:
+    app = Starlette(routes=[Mount("/ev", Panel(outbox=db.outbox))])
+
+    async def proxied(scope: Any, receive: Any, send: Any) -> None:
+        # The proxy takes /proxy off, uvicorn --root-path /proxy puts it in root_path and
+        # back in path: the app sees what the browser asked for, and where it is mounted.
+        if scope["type"] == "http":
+            scope = {**scope, "root_path": "/proxy"}
+        await app(scope, receive, send)
+
+    transport = httpx.ASGITransport(app=proxied)
+    async with httpx.AsyncClient(transport=transport, base_url="http://panel.test") as browser:
+        page = await browser.get("/proxy/ev/dead")
+        found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert found is not None
+        retried = await browser.post(
+            "/proxy/ev/dead/retry", data={"csrf": found.group(1), "one": "1"}
+        )
+    links = re.findall(r'(?:href|action|src)="([^"]+)"', page.text)
+    assert links and all(link.startswith("/proxy/ev/") for link in links), links
+    assert "Path=/proxy/ev/" in page.headers["set-cookie"]
+    assert retried.status_code == 303
+    assert retried.headers["location"].startswith("/proxy/ev/dead?")
