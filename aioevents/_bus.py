@@ -385,6 +385,13 @@ class EventBus(HandlerDecorators):
         return self._background is not None
 
     @property
+    def queued(self) -> int:
+        """Events published for background delivery that no worker has taken yet (0 while
+        the bus does not run); read without a lock, as metrics do at scrape time."""
+        background = self._background
+        return 0 if background is None else len(background._queue)
+
+    @property
     def last_drain(self) -> DrainReport | None:
         """The report of the last time this bus stopped, or None if it never ran.
 

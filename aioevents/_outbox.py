@@ -445,15 +445,22 @@ class Outbox:
             statuses = {DeliveryStatus(status): count for status, count in rows}
         return Activity(window, int(events or 0), int(failures or 0), statuses)
 
-    async def counts(self) -> dict[tuple[str, DeliveryStatus], int]:
-        """How many kept deliveries each handler has in each status: one GROUP BY that an
-        index serves (cheap enough to poll, as metrics do)."""
+    async def counts(
+        self, *statuses: DeliveryStatus | str
+    ) -> dict[tuple[str, DeliveryStatus], int]:
+        """How many kept deliveries each handler has in each status (only ``statuses``, when
+        given): one GROUP BY that an index serves (cheap enough to poll, as metrics do)."""
+        wanted = [DeliveryStatus(status).value for status in statuses]
         async with self.engine.connect() as connection:
-            return await self._counts(connection)
+            return await self._counts(connection, wanted)
 
-    async def _counts(self, connection: AsyncConnection) -> dict[tuple[str, DeliveryStatus], int]:
+    async def _counts(
+        self, connection: AsyncConnection, statuses: Sequence[str] = ()
+    ) -> dict[tuple[str, DeliveryStatus], int]:
         d = self._store.deliveries
         query = select(d.c.handler, d.c.status, func.count()).group_by(d.c.handler, d.c.status)
+        if statuses:
+            query = query.where(d.c.status.in_(statuses))
         rows = await connection.execute(query)
         return {(handler, DeliveryStatus(status)): count for handler, status, count in rows}
 

@@ -384,7 +384,7 @@ class Metrics:
             for name, watched in list(self._buses.items()):
                 bus = watched()
                 if bus is not None:
-                    depth.add_metric((name,), _queued(bus))
+                    depth.add_metric((name,), bus.queued)
         return depth
 
     def _polled_families(self, sampled: bool) -> Iterator[Metric]:
@@ -463,26 +463,8 @@ def _checked_sources(outbox: object, streams: object, event_types: object) -> _S
 
 async def _outbox_counts(outbox: Outbox) -> dict[tuple[str, str], int]:
     """Pending and dead deliveries per handler: one grouped count (the status index)."""
-    from sqlalchemy import func, select
-
-    # Outbox has no public count per handler and status (see the panel's needs too); its
-    # table is read directly, and paging through Outbox.deliveries would cost every row.
-    d = outbox._store.deliveries
-    query = (
-        select(d.c.handler, d.c.status, func.count())
-        .where(d.c.status.in_(_POLLED_STATUSES))
-        .group_by(d.c.handler, d.c.status)
-    )
-    async with outbox.engine.connect() as connection:
-        rows = (await connection.execute(query)).all()
-    return {(str(handler), str(status)): int(count) for handler, status, count in rows}
-
-
-def _queued(bus: EventBus) -> int:
-    # EventBus has no public accessor for it (asked in the integrator's notes): the queue of
-    # the running bus's background, read without a lock (a length is one read).
-    background = bus._background
-    return 0 if background is None else len(background._queue)
+    counts = await outbox.counts(*_POLLED_STATUSES)
+    return {(handler, status.value): count for (handler, status), count in counts.items()}
 
 
 def _qualified(kind: type) -> str:

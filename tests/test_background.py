@@ -119,6 +119,7 @@ async def test_a_full_queue_blocks_publish_until_a_place_frees() -> None:
         await gate.entered.wait()
         await bus.publish(Job(1))
         await bus.publish(Job(2))
+        assert bus.queued == 2  # Job(0) was taken by the worker
         with pytest.raises(QueueFullError, match="queue is full"):
             bus.publish_nowait(Job(99))
         tasks.start_soon(publish_third)
@@ -127,6 +128,7 @@ async def test_a_full_queue_blocks_publish_until_a_place_frees() -> None:
         gate.opened.set()
         await published.wait()
     assert handled == [0, 1, 2, 3]
+    assert bus.queued == 0  # not running
 
 
 async def test_the_drain_timeout_reports_what_was_not_delivered(

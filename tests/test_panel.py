@@ -179,6 +179,9 @@ async def test_handler_stats_percentiles_interpolate_as_postgresql_does(db: Data
         (FAILING, DeliveryStatus.DEAD): 3,
         (WORKING, DeliveryStatus.COMPLETED): 3,
     }
+    assert await db.outbox.counts("dead", DeliveryStatus.PENDING) == {
+        (FAILING, DeliveryStatus.DEAD): 3
+    }
     assert stats[WORKING].p50 == pytest.approx(2.0)
     assert stats[WORKING].p99 == pytest.approx(3.96)
     assert (stats[FAILING].p50, stats[FAILING].p99) == (None, None)
