@@ -837,3 +837,17 @@ async def test_behind_a_proxy_with_a_root_path_links_cookie_and_redirects_keep_i
     assert "Path=/proxy/ev/" in page.headers["set-cookie"]
     assert retried.status_code == 303
     assert retried.headers["location"].startswith("/proxy/ev/dead?")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("action", ["retry", "discard"])
+async def test_a_bulk_action_on_a_thousand_ids_changes_the_dead_ones(
+    db: Database, action: str
+) -> None:
+    dead = await one_dead_delivery(db)
+    ids = [str(dead), *(str(dead + n) for n in range(1, 1000))]  # the rest: no such rows
+    async with client(Panel(outbox=db.outbox)) as browser:
+        token = await csrf_token(browser)
+        answer = await browser.post(f"{MOUNT}/dead/{action}", data={"csrf": token, "id": ids})
+    assert answer.status_code == 303
+    assert answer.headers["location"].endswith("count=1&asked=1000")
