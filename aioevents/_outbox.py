@@ -515,10 +515,16 @@ class Outbox:
         async with self.engine.begin() as connection:
             return await self._store.resubmit(connection, _ids(ids))
 
-    async def discard(self, ids: Iterable[int]) -> int:
-        """Give up pending or dead deliveries that no relay is running; returns how many."""
+    async def discard(self, ids: Iterable[int], *, only_dead: bool = False) -> int:
+        """Give up pending or dead deliveries that no relay is running; returns how many.
+
+        With ``only_dead``, only deliveries still dead are given up: a delivery resubmitted
+        meanwhile (by another operator, from a page that showed it dead) is pending again
+        and kept, so a discard decided on a stale view cannot undo that retry.
+        """
+        check_flag("only_dead", only_dead)
         async with self.engine.begin() as connection:
-            return await self._store.discard(connection, _ids(ids))
+            return await self._store.discard(connection, _ids(ids), only_dead=only_dead)
 
     async def purge(self) -> int:
         """Delete completed and discarded deliveries older than ``keep_completed`` (and events

@@ -628,13 +628,17 @@ class Store:
             await self.notify(connection)
         return result.rowcount
 
-    async def discard(self, connection: AsyncConnection, ids: Sequence[int]) -> int:
+    async def discard(
+        self, connection: AsyncConnection, ids: Sequence[int], *, only_dead: bool = False
+    ) -> int:
         d = self.deliveries
         # A leased delivery is running: it is left to finish (and counted as not discarded).
         not_running = or_(d.c.lease_expires.is_(None), d.c.lease_expires < now())
+        # only_dead: a row resubmitted since the caller saw it dead is pending again: kept.
+        statuses = (DEAD,) if only_dead else UNFINISHED
         result = await connection.execute(
             update(d)
-            .where(_among(connection, d.c.id, ids), d.c.status.in_(UNFINISHED), not_running)
+            .where(_among(connection, d.c.id, ids), d.c.status.in_(statuses), not_running)
             .values(_finished(DISCARDED, now()))
         )
         if result.rowcount:  # a key's later deliveries may be free now

@@ -219,14 +219,6 @@ async def test_concurrent_retry_clicks_resubmit_a_dead_delivery_once(db: Databas
 
 
 @pytest.mark.asyncio
-@pytest.mark.xfail(
-    strict=True,
-    reason="the panel's Discard calls Outbox.discard, which gives up pending rows too: a dead "
-    "row another operator retried meanwhile (pending again, not yet leased) is discarded from "
-    "the dead-letter page, undoing the retry. The panel needs a discard of rows still dead "
-    "(a status guard in _outbox_store.discard, e.g. Outbox.discard(ids, only_dead=True)). "
-    "See /tmp/notes/attack.md",
-)
 async def test_discard_from_the_dead_page_leaves_a_row_another_operator_retried(
     db: Database,
 ) -> None:

@@ -30,7 +30,10 @@ async def retry_deliveries(state: State, request: Request) -> Response:
 
 
 async def discard_deliveries(state: State, request: Request) -> Response:
-    return await _on_deliveries(state, request, state.outbox.discard, "discarded")
+    async def discard_dead(ids: list[int]) -> int:  # a row retried meanwhile is kept
+        return await state.outbox.discard(ids, only_dead=True)
+
+    return await _on_deliveries(state, request, discard_dead, "discarded")
 
 
 async def retry_letters(state: State, request: Request) -> Response:
