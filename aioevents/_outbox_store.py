@@ -75,6 +75,8 @@ __all__ = [
 PENDING, COMPLETED, DEAD, DISCARDED = "pending", "completed", "dead", "discarded"
 UNFINISHED = (PENDING, DEAD)  # what holds back the later deliveries of its handler and key
 _TRACEBACK_LIMIT = 16_000  # characters of a failure's traceback kept in its row
+_MESSAGE_LIMIT = 4_000  # characters of a failure's message kept (once per attempt)
+_ERROR_TYPE_LIMIT = 255  # the error_type column's length
 
 
 def now() -> datetime:
@@ -567,11 +569,7 @@ class Store:
         # reports -1), and failures are few.
         written = []
         for f in failures:
-            error = {
-                "error_type": _error_type(f.error),
-                "error_message": str(f.error),
-                "error_traceback": traceback_text(f.error),
-            }
+            error = _error_texts(f.error)
             row = {
                 "delivery_id": f.id,
                 "new_status": DEAD if f.dead else PENDING,
@@ -830,3 +828,26 @@ def _attempt_row(failure: Failure, at: datetime, error: dict[str, str]) -> dict[
 def _error_type(error: BaseException) -> str:
     kind = type(error)
     return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _error_texts(error: BaseException) -> dict[str, str]:
+    """A failure's type, message and traceback as every database stores them: a text the
+    database refuses would fail the relay's write of every outcome batched with it."""
+    try:
+        message = str(error)
+    except Exception:  # an exception's own __str__ may fail; its failure must still be kept
+        message = f"<{type(error).__name__}: str() failed>"
+    return {
+        "error_type": _storable(_error_type(error))[:_ERROR_TYPE_LIMIT],
+        "error_message": _storable(_capped(message, _MESSAGE_LIMIT)),
+        "error_traceback": _storable(traceback_text(error)),
+    }
+
+
+def _capped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more)"
+
+
+def _storable(text: str) -> str:
+    # PostgreSQL's text refuses NUL; shown as Python would escape it.
+    return text.replace("\x00", "\\x00")

@@ -239,13 +239,6 @@ async def test_discard_from_the_dead_page_leaves_a_row_another_operator_retried(
 
 @pytest.mark.asyncio
 @pytest.mark.redis
-@pytest.mark.xfail(
-    strict=True,
-    reason="aioevents._streams._dead_ids accepts 20-digit id parts above 2**64-1 "
-    "(_ENTRY_ID is [0-9]{1,20}); Redis answers XRANGE with 'Invalid stream ID' and "
-    "RedisStreams.redrive lets redis.ResponseError out: the panel's stream retry is a 500. "
-    "Fix in _dead_ids (each part <= 2**64-1, ValueError otherwise). See /tmp/notes/attack.md",
-)
 async def test_stream_retry_of_an_id_past_redis_range_is_a_400(
     db: Database, request: pytest.FixtureRequest
 ) -> None:
@@ -273,15 +266,6 @@ async def test_stream_retry_of_an_id_past_redis_range_is_a_400(
 
 @pytest.mark.asyncio
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="on PostgreSQL a handler exception whose message has a NUL character cannot be "
-    "written (text refuses 0x00: error_message/error_traceback in deliveries and now attempts); "
-    "Relay._write keeps the failed outcomes for its next write, so every later outcome of the "
-    "relay (other handlers' completions) fails with it and nothing more is written. Fix in "
-    "_outbox_store.fail (NUL replaced in the error texts) and in Relay._write (an outcome that "
-    "cannot be written must not hold the others back). See /tmp/notes/attack.md",
-)
 async def test_a_nul_in_an_error_message_does_not_wedge_the_relay_on_postgresql(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -843,3 +827,21 @@ async def test_a_bulk_action_on_a_thousand_ids_changes_the_dead_ones(
         answer = await browser.post(f"{MOUNT}/dead/{action}", data={"csrf": token, "id": ids})
     assert answer.status_code == 303
     assert answer.headers["location"].endswith("count=1&asked=1000")
+
+
+def test_a_failures_texts_are_made_storable() -> None:
+    """What the relay writes of a failure: no NUL (PostgreSQL refuses it), a message and a type
+    within their columns, and a text even when the exception's own str() fails."""
+    from aioevents._outbox_store import _error_texts
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    long_named = type("E" * 300, (Exception,), {})
+    texts = _error_texts(ValueError("a\x00b" + "x" * 5_000))
+    assert texts["error_message"].startswith("a\\x00bxxx")
+    assert texts["error_message"].endswith("... (1003 more)")
+    assert "\x00" not in texts["error_traceback"]
+    assert _error_texts(Unprintable())["error_message"] == "<Unprintable: str() failed>"
+    assert len(_error_texts(long_named())["error_type"]) == 255
