@@ -51,6 +51,7 @@ logger = logging.getLogger("aioevents.streams")
 T = TypeVar("T")
 
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_ENTRY_ID_PART_MAX = 2**64 - 1  # each part of an entry id is an unsigned 64-bit integer
 _EXTERNALIZE = "externalize:"  # the name prefix of the producing handlers: never fed back
 _RETRY_MIN, _RETRY_MAX = 0.05, 2.0  # seconds between attempts to reach the transport
 _TRIM_EVERY = 5.0  # seconds between trims of a consumer's streams
@@ -202,7 +203,9 @@ class Streams:
     async def retry_dead_letters(self, event_type: type, ids: Sequence[str]) -> int:
         """Publish these dead letters of the type again, to the streams they came from, and
         remove them from its dead-letter stream; return how many (only letters still there:
-        a retry sent twice publishes once). Every group of the stream sees them again."""
+        a retry sent twice publishes once). Every group of the stream sees them again.
+        An id not of the form `dead_letters` gives (``"<ms>-<seq>"``, each part at most
+        2**64-1) is a ValueError naming it, before the transport is asked."""
         return await self.transport.redrive(self.dead_stream(event_type), _dead_ids(ids))
 
     async def discard_dead_letters(self, event_type: type, ids: Sequence[str]) -> int:
@@ -219,6 +222,9 @@ def _dead_ids(ids: object) -> list[str]:
     for dead_id in ids:
         if type(dead_id) is not str or not _ENTRY_ID.fullmatch(dead_id):
             raise ValueError(f"a dead letter id looks like '1700000000000-0', got {dead_id!r}")
+        if any(int(part) > _ENTRY_ID_PART_MAX for part in dead_id.split("-")):
+            # 20 digits pass the pattern yet may exceed what Redis takes ("Invalid stream ID")
+            raise ValueError(f"a dead letter id's parts are at most 2**64-1, got {dead_id!r}")
     return list(ids)
 
 
