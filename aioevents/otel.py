@@ -18,7 +18,8 @@ Spans (messaging conventions; ``messaging.operation.type`` in brackets):
   ``externalize`` or `Streams.publish` (the transport's `system`: ``"redis"``,
   ``"aioevents.memory"``; destination: the stream). Its context is injected into the event's
   headers (W3C ``traceparent`` / ``tracestate`` with the default propagator), replacing a
-  context they held, and so stored in the outbox row and the stream entry.
+  context they held, and so stored in the outbox row and the stream entry. A ``baggage``
+  header the application gave is kept unless the current context has baggage to send.
 - ``process <event-name>`` (``process``), kind CONSUMER, one per handler call, current while
   the handler runs (the spans it starts are its children). For a delivery of the outbox or an
   entry of a stream the handler runs for, its parent is the context in the event's headers,
@@ -62,6 +63,7 @@ IN_PROCESS_SYSTEM = "aioevents"
 """``messaging.system`` of a handler run by ``emit`` (or in the background), in process."""
 
 _TRACER_NAME = "aioevents"
+_KEPT_UNLESS_WRITTEN = frozenset({"baggage"})  # W3C baggage: applications set it themselves
 _INACTIVE = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)  # no SDK behind them
 _GLOBAL_READABLE = (
     hasattr(trace, "_TRACER_PROVIDER") and "OTEL_PYTHON_TRACER_PROVIDER" not in os.environ
@@ -203,10 +205,7 @@ class Tracing:
             },
         )
         try:
-            propagator = self.propagator
-            for field in propagator.fields:  # an earlier context (the outbox's send) is replaced
-                headers.pop(field, None)
-            propagator.inject(headers, context=trace.set_span_in_context(span))
+            _inject(self.propagator, headers, trace.set_span_in_context(span))
         except BaseException:
             span.end()  # no token reaches send_finished: ended here
             raise
@@ -216,6 +215,20 @@ class Tracing:
         """End the ``send`` span (``error.type`` and status ERROR when the send failed)."""
         if token is not None:
             _end(cast(Span, token), error)
+
+
+def _inject(
+    propagator: TextMapPropagator, headers: dict[str, str], context: otel_context.Context
+) -> None:
+    """Put ``context`` in ``headers``: an earlier trace context there (the outbox's send's) is
+    replaced whole (no stale ``tracestate`` left beside a new ``traceparent``), but a
+    ``baggage`` header, the application's own data, only when the propagator writes one."""
+    written: dict[str, str] = {}
+    propagator.inject(written, context=context)
+    for field in propagator.fields:
+        if field not in _KEPT_UNLESS_WRITTEN:
+            headers.pop(field, None)
+    headers.update(written)
 
 
 def _no_global_provider() -> bool:

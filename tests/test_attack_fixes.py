@@ -6,7 +6,14 @@ from __future__ import annotations
 import secrets
 
 import pytest
+from opentelemetry import baggage
+from opentelemetry import context as otel_context
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from aioevents.otel import Tracing
 from aioevents.streams import MemoryStreams, Streams
 
 from .outbox_support import Database
@@ -67,3 +74,40 @@ async def test_redis_takes_the_largest_dead_letter_id(redis_url: str) -> None:
         assert await streams.discard_dead_letters(Tick, [largest]) == 0
     finally:
         await transport.aclose()
+
+
+def _default_propagators() -> CompositePropagator:
+    return CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+
+
+def _send(tracing: Tracing, headers: dict[str, str]) -> None:
+    token = tracing.send_started(
+        Tick(number=1), system="redis", destination="fixes:tick", message_id="1", headers=headers
+    )
+    tracing.send_finished(token, error=None)
+
+
+def test_a_send_replaces_an_earlier_trace_context_whole_and_keeps_the_apps_headers() -> None:
+    provider = TracerProvider()
+    tracing = Tracing(provider, propagator=_default_propagators())
+    earlier = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers = {"traceparent": earlier, "tracestate": "vendor=stale", "baggage": "tenant=7"}
+    _send(tracing, headers)  # the send's span has no tracestate: the earlier one must go
+    assert set(headers) == {"traceparent", "baggage"}
+    assert headers["traceparent"] != earlier
+    assert headers["baggage"] == "tenant=7"  # no baggage in the context: the app's kept
+    provider.shutdown()
+
+
+def test_baggage_in_the_current_context_replaces_the_apps_header() -> None:
+    provider = TracerProvider()
+    tracing = Tracing(provider, propagator=_default_propagators())
+    headers = {"baggage": "tenant=7", "x-app": "1"}
+    attached = otel_context.attach(baggage.set_baggage("tenant", "8"))
+    try:
+        _send(tracing, headers)
+    finally:
+        otel_context.detach(attached)
+    assert headers["baggage"] == "tenant=8"
+    assert headers["x-app"] == "1" and "traceparent" in headers
+    provider.shutdown()
