@@ -103,6 +103,7 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 
 _POLLED_STATUSES = ("pending", "dead")  # the outbox's backlog; completed rows are history
+_ERROR_TYPES_KEPT = 256  # exception classes whose label is cached (a bound: see _error_type)
 
 
 class _Record:
@@ -231,6 +232,10 @@ class Metrics:
     def _error_type(self, error: Exception) -> str:
         kind = type(error)
         name = kind.__qualname__ if kind.__module__ == "builtins" else _qualified(kind)
+        if len(self._error_types) >= _ERROR_TYPES_KEPT:
+            # Code that makes exception classes at run time (one per client, say) must not
+            # grow the cache, nor keep each class alive: start it again, it refills quickly.
+            self._error_types.clear()
         self._error_types[kind] = name
         return name
 

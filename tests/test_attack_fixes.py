@@ -3,7 +3,9 @@ checked at the API the fix changed rather than through the panel."""
 
 from __future__ import annotations
 
+import gc
 import secrets
+import weakref
 
 import pytest
 from opentelemetry import baggage
@@ -12,8 +14,11 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry
 
+from aioevents import EventBus
 from aioevents.otel import Tracing
+from aioevents.prometheus import Metrics
 from aioevents.streams import MemoryStreams, Streams
 
 from .outbox_support import Database
@@ -111,3 +116,30 @@ def test_baggage_in_the_current_context_replaces_the_apps_header() -> None:
     assert headers["baggage"] == "tenant=8"
     assert headers["x-app"] == "1" and "traceparent" in headers
     provider.shutdown()
+
+
+async def _nothing(event: Tick) -> None:
+    return None
+
+
+def test_exception_classes_made_at_run_time_are_neither_kept_nor_miscounted() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry=registry)
+    subscription = EventBus().subscribe(Tick, _nothing, name="fixes.made")
+    first: weakref.ref[type] | None = None
+    for n in range(300):  # more classes than the label cache keeps
+        kind = type(f"Made{n}", (Exception,), {})
+        first = first or weakref.ref(kind)
+        metrics.handler_finished(
+            Tick(number=n), subscription, token=None, duration=0.0, error=kind("no")
+        )
+    del kind
+    gc.collect()
+    assert first is not None and first() is None, "the first class is not kept alive"
+    labels = {"event": "attack.tick", "handler": "fixes.made"}
+    for n in (0, 299):
+        name = f"{__name__}.Made{n}"
+        value = registry.get_sample_value(
+            "aioevents_handler_failures_total", {**labels, "error_type": name}
+        )
+        assert value == 1.0, name
