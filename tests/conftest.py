@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import pytest
+import pytest_asyncio
+
+if TYPE_CHECKING:
+    from .outbox_support import Database
 
 DATABASE_URL = os.environ.get(
     "AIOEVENTS_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -49,3 +56,24 @@ def database_url() -> str:
 def redis_url() -> str:
     """The Redis URL of the test server."""
     return require_server("Redis", REDIS_URL, 6379)
+
+
+@pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.postgres), "sqlite"])
+def database_kind(request: pytest.FixtureRequest) -> str:
+    """The outbox's database: PostgreSQL, then SQLite."""
+    return str(request.param)
+
+
+@pytest_asyncio.fixture
+async def db(
+    database_kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Database]:
+    """An outbox's tables on PostgreSQL (a schema of the test's own), then on SQLite (a file)."""
+    from .outbox_support import open_database
+
+    if database_kind == "postgresql":
+        url = str(request.getfixturevalue("database_url"))
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}"
+    async with open_database(database_kind, url) as database:
+        yield database

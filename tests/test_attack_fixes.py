@@ -23,9 +23,6 @@ from aioevents.streams import MemoryStreams, Streams
 
 from .outbox_support import Database
 from .test_observability_attack import Tick, one_dead_delivery
-from .test_panel import database_kind, db
-
-__all__ = ["database_kind", "db"]  # the panel tests' fixtures, on SQLite and PostgreSQL
 
 
 @pytest.mark.asyncio

@@ -65,23 +65,6 @@ async def work(event: object) -> None:
     return None
 
 
-@pytest.fixture(params=BACKENDS)
-def database_kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest_asyncio.fixture
-async def db(
-    database_kind: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[Database]:
-    if database_kind == "postgresql":
-        url = str(request.getfixturevalue("database_url"))
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'panel.db'}"
-    async with open_database(database_kind, url) as database:
-        yield database
-
-
 def failing_bus(outbox: Outbox) -> tuple[EventBus, TransactionalEvents]:
     """A bus whose durable handler "panel.failing" always fails, "panel.working" never."""
     bus = EventBus()

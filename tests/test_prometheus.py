@@ -30,7 +30,7 @@ from aioevents.prometheus import DEFAULT_BUCKETS, Metrics
 from aioevents.sqlalchemy import TransactionalEvents
 from aioevents.streams import GroupInfo, MemoryStreams, Streams, consume
 
-from .outbox_support import Database, open_database, record
+from .outbox_support import Database, record
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -251,23 +251,6 @@ def test_a_bus_is_watched_under_one_name_while_it_lives() -> None:
 
 BACKENDS = [pytest.param("postgresql", marks=pytest.mark.postgres), "sqlite"]
 QUICKLY = Durable(max_attempts=1, wait_initial=0.0, wait_jitter=0.0)
-
-
-@pytest.fixture(params=BACKENDS)
-def database_kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest_asyncio.fixture
-async def db(
-    database_kind: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[Database]:
-    if database_kind == "postgresql":
-        url = str(request.getfixturevalue("database_url"))
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}"
-    async with open_database(database_kind, url) as database:
-        yield database
 
 
 def outbox_gauges(registry: CollectorRegistry) -> dict[tuple[str, ...], float]:

@@ -9,12 +9,10 @@ nothing is lost.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from aioevents import Durable, EventBus
 from aioevents.sqlalchemy import TransactionalEvents
@@ -28,7 +26,7 @@ from aioevents.streams import (
     externalize,
 )
 
-from .outbox_support import Database, eventually, open_database, record
+from .outbox_support import Database, eventually, record
 
 pytestmark = pytest.mark.asyncio
 
@@ -54,23 +52,6 @@ class FlakyStreams(MemoryStreams):
 
 FAST_RETRIES = Durable(max_attempts=50, wait_initial=0.01, wait_max=0.05, wait_jitter=0.0)
 BACKENDS = [pytest.param("postgresql", marks=pytest.mark.postgres), "sqlite"]
-
-
-@pytest.fixture(params=BACKENDS)
-def database_kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest_asyncio.fixture
-async def db(
-    database_kind: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[Database]:
-    if database_kind == "postgresql":
-        url = str(request.getfixturevalue("database_url"))
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}"
-    async with open_database(database_kind, url) as database:
-        yield database
 
 
 def producer(db: Database, streams: Streams) -> tuple[EventBus, TransactionalEvents]:
