@@ -24,7 +24,7 @@ from ._exceptions import AioEventsError, ConfigurationError
 from ._names import event_name, event_version
 from ._outbox_relay import Delivery, Job, Relay, RelaySettings, current_delivery
 from ._outbox_store import NewDelivery, NewEvent, Store, lock_keys, now
-from ._sending import OUTBOX_SYSTEM, send_hooks, sending
+from ._sending import OUTBOX_SYSTEM, Sends, send_hooks, start_sends
 
 __all__ = [
     "Activity",
@@ -171,6 +171,7 @@ class StoredEvent:
     outbox: Outbox
     event: object
     headers: dict[str, str]
+    sends: Sends  # told to the send hooks; finished when the transaction ends
     written: bool = False  # a commit retried after a failed write writes it again
 
 
@@ -306,15 +307,17 @@ class Outbox:
             self._registered.add(type(event))
         checked_headers = _checked_headers(headers)
         event_id, name = uuid7(), event_name(event)
-        # The bus's send hooks see the event staged; a trace context they add is stored.
-        with sending(
+        # The bus's send hooks see the event staged (a trace context they add is stored);
+        # its send ends with the transaction (TransactionalEvents finishes it).
+        sends = start_sends(
             send_hooks(bus._hooks),
             event,
             system=OUTBOX_SYSTEM,
             destination=name,
             message_id=str(event_id),
             headers=checked_headers,
-        ):
+        )
+        try:
             row = NewEvent(
                 id=event_id,
                 name=name,
@@ -324,7 +327,10 @@ class Outbox:
                 headers=self.codec.encode_headers(checked_headers),
                 recorded_at=now(),
             )
-        return StoredEvent(row, handlers, bus, self, event, checked_headers)
+        except BaseException as exc:
+            sends.finish(exc)
+            raise
+        return StoredEvent(row, handlers, bus, self, event, checked_headers, sends)
 
     def _write(
         self, connection: Connection, stored: Sequence[StoredEvent]

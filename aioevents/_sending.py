@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["OUTBOX_SYSTEM", "send_hooks", "sending"]
+__all__ = ["OUTBOX_SYSTEM", "Sends", "send_hooks", "sending", "start_sends"]
 
 logger = logging.getLogger("aioevents")
 
@@ -48,6 +48,46 @@ def _active(hook: object) -> bool:
         return True
 
 
+class Sends:
+    """The sends of one event told to the hooks; `finish` tells them its end, once. An event
+    staged in the outbox is sent when its transaction commits, so that is when it ends."""
+
+    __slots__ = ("_hooks", "_tokens")
+
+    def __init__(self, hooks: list[Any], tokens: list[object]) -> None:
+        self._hooks, self._tokens = hooks, tokens
+
+    def finish(self, error: BaseException | None) -> None:
+        hooks, self._hooks = self._hooks, []  # a second call tells nobody again
+        for hook, token in zip(hooks, self._tokens, strict=True):
+            _call(hook.send_finished, token, error=error)
+
+
+def start_sends(
+    hooks: list[Any],
+    event: object,
+    *,
+    system: str,
+    destination: str,
+    message_id: str,
+    headers: dict[str, str],
+) -> Sends:
+    """Tell ``hooks`` (from `send_hooks`) that ``event`` is being sent; what they add to
+    ``headers`` goes with it. The caller must `Sends.finish` it."""
+    tokens = [
+        _call(
+            hook.send_started,
+            event,
+            system=system,
+            destination=destination,
+            message_id=message_id,
+            headers=headers,
+        )
+        for hook in hooks
+    ]
+    return Sends(hooks, tokens)
+
+
 @contextmanager
 def sending(
     hooks: list[Any],
@@ -66,28 +106,15 @@ def sending(
     if not hooks:
         yield
         return
-    tokens = [
-        _call(
-            hook.send_started,
-            event,
-            system=system,
-            destination=destination,
-            message_id=message_id,
-            headers=headers,
-        )
-        for hook in hooks
-    ]
+    sends = start_sends(
+        hooks, event, system=system, destination=destination, message_id=message_id, headers=headers
+    )
     try:
         yield
     except BaseException as exc:
-        _finish(hooks, tokens, exc)
+        sends.finish(exc)
         raise
-    _finish(hooks, tokens, None)
-
-
-def _finish(hooks: list[Any], tokens: list[object], error: BaseException | None) -> None:
-    for hook, token in zip(hooks, tokens, strict=True):
-        _call(hook.send_finished, token, error=error)
+    sends.finish(None)
 
 
 def _call(method: Any, *args: Any, **kwargs: Any) -> object:

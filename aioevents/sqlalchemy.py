@@ -84,7 +84,7 @@ from ._outbox import Outbox, StoredEvent, lock_keys
 from ._outbox_relay import Job, Relay
 from ._result import EmitResult
 
-__all__ = ["NoTransactionError", "Outcome", "Recorded", "TransactionalEvents"]
+__all__ = ["NoTransactionError", "Outcome", "Recorded", "RolledBackError", "TransactionalEvents"]
 
 logger = logging.getLogger("aioevents.sqlalchemy")
 
@@ -93,6 +93,12 @@ R = TypeVar("R")
 BeforeCommitHandler = Callable[[E, AsyncSession], Awaitable[R]]
 
 _STATE_KEY = "aioevents.sqlalchemy"  # in Session.info: the recordings of the current transaction
+
+
+class RolledBackError(AioEventsError):
+    """What send hooks (a tracing hook's ``send`` span) are told of an event recorded with
+    durable handlers when its transaction rolled back (or its savepoint did, or its COMMIT
+    failed): it was not sent."""
 
 
 class NoTransactionError(AioEventsError):
@@ -457,10 +463,26 @@ def _on_transaction_end(session: Session, ended: SessionTransaction) -> None:
         for recorded in records:
             if recorded.outcome is Outcome.PENDING:
                 recorded.outcome = Outcome.DISCARDED
+    _finish_sends(records)
     if in_greenlet():
         await_only(_deliver(records, transaction.handovers if transaction.committed else ()))
     else:  # closed by synchronous code (close_all_sessions()): nothing can be awaited here
         _abandon(records, "the session's transaction ended outside its asyncio greenlet")
+
+
+def _finish_sends(records: Sequence[Recorded[Any]]) -> None:
+    """A stored event was sent if its transaction committed: tell the send hooks (a tracing
+    hook's send span ends here, after the COMMIT), or that it rolled back."""
+    for recorded in records:
+        if recorded._stored is None:
+            continue
+        if recorded.outcome is Outcome.PENDING:
+            recorded._stored.sends.finish(None)
+        else:
+            name = event_name(recorded.event)
+            recorded._stored.sends.finish(
+                RolledBackError(f"{name} was not sent: its transaction rolled back")
+            )
 
 
 def _check_prepared(records: Sequence[Recorded[Any]]) -> None:

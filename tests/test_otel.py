@@ -524,6 +524,38 @@ async def test_record_sends_to_the_outbox_and_its_relay_processes_under_it(
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_outbox_send_ends_with_its_transaction(traced: Traced, db: Database) -> None:
+    """The event is sent when its transaction commits: the send span ends after the COMMIT,
+    and one whose transaction (or savepoint) rolled back ends as a failed send."""
+    bus = EventBus(hooks=[traced.tracing])
+    events = TransactionalEvents(bus, outbox=db.new_outbox())
+
+    @bus.on(OrderWasPlaced, durable=FAST, name="bill")
+    async def bill(event: OrderWasPlaced) -> None:
+        return None
+
+    async with db.sessions.begin() as session:
+        events.record(session, OrderWasPlaced(order_id=1))
+        assert traced.named("send order-was-placed") == []  # still open: not sent yet
+    [committed] = traced.named("send order-was-placed")
+    assert committed.status.status_code is StatusCode.UNSET
+    with pytest.raises(ZeroDivisionError):
+        async with db.sessions.begin() as session:
+            events.record(session, OrderWasPlaced(order_id=2))
+            raise ZeroDivisionError
+    async with db.sessions.begin() as session:
+        savepoint = await session.begin_nested()
+        events.record(session, OrderWasPlaced(order_id=3))
+        await savepoint.rollback()
+    rolled_back = [s for s in traced.named("send order-was-placed") if s is not committed]
+    assert len(rolled_back) == 2
+    for span in rolled_back:
+        assert span.status.status_code is StatusCode.ERROR
+        assert attributes(span)["error.type"] == "aioevents.sqlalchemy.RolledBackError"
+    assert await db.statuses() == {"pending": 1}  # only the committed one was stored
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_externalize_forwards_the_headers_with_its_own_send_context(
     traced: Traced, db: Database
 ) -> None:
@@ -661,14 +693,15 @@ async def test_one_trace_from_a_request_through_the_outbox_and_a_stream_to_a_wor
     assert fulfilled["links"] == [stream_send["span_id"]]
     assert charged["parent_id"] == stream_send["span_id"]
     # The outbox's rows: written in the request's transaction by its last statement before
-    # COMMIT (the SQLAlchemy instrumentation makes no span of the COMMIT itself), and run by
-    # the relay only after it.
+    # COMMIT (the SQLAlchemy instrumentation makes no span of the COMMIT itself). The send
+    # starts at record() and ends once the COMMIT returned, so it spans the write and the
+    # COMMIT; the relay runs the delivery only after it.
     (written,) = [
         s for s in here if f"INSERT INTO {tables}events" in str(s["attributes"].get("db.statement"))
     ]
     assert written["parent_id"] == server["span_id"]
-    assert outbox_send["end"] <= written["start"]
-    assert written["end"] <= relayed["start"]
+    assert outbox_send["start"] <= written["start"] <= written["end"] <= outbox_send["end"]
+    assert outbox_send["end"] <= relayed["start"]
     assert [s["kind"] for s in (outbox_send, relayed, stream_send, fulfilled)] == [
         "PRODUCER",
         "CONSUMER",
