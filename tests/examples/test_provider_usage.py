@@ -423,8 +423,17 @@ async def test_an_exhausted_quota_logs_a_warning_and_does_not_fail(
     assert (await bed.provider()).quota_used == 8 + tokens([first])
     ledger = {entry.message_id: entry.charged for entry in await bed.ledger()}
     assert ledger == {first.message_id: True, second.message_id: False}
-    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    [warning] = exhausted_warnings(caplog)
     assert "quota of provider openai of tenant tenant-1 is exhausted" in warning.getMessage()
+
+
+def exhausted_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The quota's warnings. Others may come: on a loaded machine Redis may not answer the
+    throttle within its timeout, and the throttle warns that it failed open (as designed)."""
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    others = [r for r in warnings if "is exhausted" not in r.getMessage()]
+    assert all(r.name == "aioevents.throttle" for r in others), others
+    return [r for r in warnings if "is exhausted" in r.getMessage()]
 
 
 @pytest.mark.timeout(120)
@@ -443,9 +452,7 @@ async def test_a_quota_used_up_by_concurrent_messages_charges_only_the_first(
     [charged] = [entry for entry in ledger if entry.charged]
     assert len(ledger) == 16
     assert (await bed.provider()).quota_used == 8 + charged.units
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 15
-    assert all("is exhausted" in warning.getMessage() for warning in warnings)
+    assert len(exhausted_warnings(caplog)) == 15
 
 
 async def test_a_message_for_an_unknown_provider_changes_nothing(bed: Bed) -> None:
