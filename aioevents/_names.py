@@ -11,7 +11,7 @@ import re
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["event_name", "event_version", "handler_name"]
+__all__ = ["error_type_name", "event_name", "event_version", "handler_name"]
 
 # An uppercase letter starts a new word unless it continues a run of capitals that is itself
 # followed by a capital and a lowercase letter: HTTPRequestFailed -> http-request-failed.
@@ -82,3 +82,11 @@ def handler_name(handler: object) -> str:
     qualname = getattr(handler, "__qualname__", None) or type(handler).__qualname__
     module = getattr(handler, "__module__", None) or type(handler).__module__
     return f"{module}.{qualname}"
+
+
+def error_type_name(kind: type) -> str:
+    """An exception class as traces and metrics name it: ``ValueError`` for a builtin,
+    ``module.Qualified.Name`` otherwise."""
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"

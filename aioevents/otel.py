@@ -53,7 +53,7 @@ except ImportError as missing:  # a newcomer's first import: say which extra bri
     ) from missing
 
 from ._delivery import current_delivery
-from ._names import event_name
+from ._names import error_type_name, event_name
 from ._sending import OUTBOX_SYSTEM
 from ._subscription import Subscription
 
@@ -269,7 +269,7 @@ def _handled_name(event: object, subscription: Subscription) -> str:
 
 def _end(span: Span, error: BaseException | None) -> None:
     if error is not None and not _is_cancellation(error):
-        span.set_attribute("error.type", _qualified_name(type(error)))
+        span.set_attribute("error.type", error_type_name(type(error)))
         span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
         span.record_exception(error)
     span.end()
@@ -280,9 +280,3 @@ def _is_cancellation(error: BaseException) -> bool:
         return True
     trio = sys.modules.get("trio")  # only a trio program can be cancelled by trio
     return trio is not None and isinstance(error, trio.Cancelled)
-
-
-def _qualified_name(error_type: type[BaseException]) -> str:
-    if error_type.__module__ == "builtins":
-        return error_type.__qualname__
-    return f"{error_type.__module__}.{error_type.__qualname__}"

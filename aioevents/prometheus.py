@@ -83,7 +83,7 @@ from prometheus_client.utils import floatToGoString
 from ._bus import EventBus
 from ._checks import check_instance, check_seconds
 from ._exceptions import BusStateError, ConfigurationError
-from ._names import event_name
+from ._names import error_type_name, event_name
 from ._subscription import Subscription
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ class Metrics:
 
     def _error_type(self, error: Exception) -> str:
         kind = type(error)
-        name = kind.__qualname__ if kind.__module__ == "builtins" else _qualified(kind)
+        name = error_type_name(kind)
         if len(self._error_types) >= _ERROR_TYPES_KEPT:
             # Code that makes exception classes at run time (one per client, say) must not
             # grow the cache, nor keep each class alive: start it again, it refills quickly.
@@ -470,10 +470,6 @@ async def _outbox_counts(outbox: Outbox) -> dict[tuple[str, str], int]:
     """Pending and dead deliveries per handler: one grouped count (the status index)."""
     counts = await outbox.counts(*_POLLED_STATUSES)
     return {(handler, status.value): count for (handler, status), count in counts.items()}
-
-
-def _qualified(kind: type) -> str:
-    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _added(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
