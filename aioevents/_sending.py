@@ -13,11 +13,10 @@ The ``messaging.system`` values aioevents sends with are defined here, next to t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["OUTBOX_SYSTEM", "Sends", "send_hooks", "sending", "start_sends"]
+__all__ = ["OUTBOX_SYSTEM", "Sends", "send_hooks", "start_sends"]
 
 logger = logging.getLogger("aioevents")
 
@@ -57,6 +56,13 @@ class Sends:
     def __init__(self, hooks: list[Any], tokens: list[object]) -> None:
         self._hooks, self._tokens = hooks, tokens
 
+    def __enter__(self) -> Sends:
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        # The block's exception (a cancellation too) is what the hooks are told, then raised.
+        self.finish(error)
+
     def finish(self, error: BaseException | None) -> None:
         hooks, self._hooks = self._hooks, []  # a second call tells nobody again
         for hook, token in zip(hooks, self._tokens, strict=True):
@@ -73,7 +79,8 @@ def start_sends(
     headers: dict[str, str],
 ) -> Sends:
     """Tell ``hooks`` (from `send_hooks`) that ``event`` is being sent; what they add to
-    ``headers`` goes with it. The caller must `Sends.finish` it."""
+    ``headers`` goes with it. The caller must `Sends.finish` it, or use it as a context manager
+    around the send (finished with the block's exception, if any)."""
     tokens = [
         _call(
             hook.send_started,
@@ -86,35 +93,6 @@ def start_sends(
         for hook in hooks
     ]
     return Sends(hooks, tokens)
-
-
-@contextmanager
-def sending(
-    hooks: list[Any],
-    event: object,
-    *,
-    system: str,
-    destination: str,
-    message_id: str,
-    headers: dict[str, str],
-) -> Iterator[None]:
-    """Tell ``hooks`` (from `send_hooks`) of the send the block makes, and of its end.
-
-    The hooks are called before the block, so what they add to ``headers`` goes with the
-    event; the block's exception (a cancellation too) is handed to ``send_finished`` and raised.
-    """
-    if not hooks:
-        yield
-        return
-    sends = start_sends(
-        hooks, event, system=system, destination=destination, message_id=message_id, headers=headers
-    )
-    try:
-        yield
-    except BaseException as exc:
-        sends.finish(exc)
-        raise
-    sends.finish(None)
 
 
 def _call(method: Any, *args: Any, **kwargs: Any) -> object:

@@ -41,7 +41,7 @@ from ._dispatch import record_stray_cancellation, run_in_context, run_to_the_end
 from ._exceptions import ConfigurationError
 from ._names import event_name, event_version
 from ._result import HandlerError
-from ._sending import send_hooks, sending
+from ._sending import send_hooks, start_sends
 from ._subscription import Subscription
 from ._transport import DeadLetter, Entry, Envelope, GroupInfo, Transport
 
@@ -164,7 +164,7 @@ class Streams:
         self.codec.register(event_type)
         event_id = str(uuid7()) if event_id is None else event_id
         stream = self._stream_for(event_type, event_id if key is None else key)
-        with sending(
+        with start_sends(
             send_hooks(hooks),
             event,
             system=self.transport.system,
